@@ -1,0 +1,444 @@
+"""All MPI in hpcopt: node placement, neighbour mixing, means, token moves, gathers.
+
+n nodes are placed on P ranks in contiguous blocks (the first n mod P ranks hold one
+extra node). A rank holds its nodes' rows as one `(local_n, d)` array; `mix`, `mean` and
+`move` take and return such blocks, so algorithms never see ranks.
+
+* `mix(X, W)`: rows of W @ X for this rank's nodes. From the sparsity of W and the
+  placement a plan lists, per peer rank, which local rows it needs and where received
+  rows land; plans are cached per matrix. Messages are Isend/Irecv of row blocks (a
+  view when the rows are contiguous), and the weighted sum is one fused kernel over
+  local rows plus received rows (`Kernels.mix_rows`). Terms are summed in increasing
+  global node order, so results do not depend on the number of ranks.
+* `mean(X)`: average of all nodes' rows (local sum, then one Allreduce).
+* `move(X, src, dst)`: row of node src[i] is written to node dst[i] (Teleportation's
+  token moves); a local copy when both ends share a rank.
+* Device buffers: with a CUDA-aware MPI (detected once, lazily; overridable) device
+  arrays go to MPI directly after the producing stream is synchronised; otherwise they
+  are staged through pinned host buffers.
+* Waits are polite (test, then sleep with a short back-off) so oversubscribed CPU ranks
+  leave the cores to each other, and a wait longer than `timeout` seconds aborts the
+  whole job with a message naming the operation, the step and the peer.
+* Every operation counts calls, bytes sent and seconds (`counters`).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import backend as backend_mod
+from .kernels import Kernels
+
+TAG_MIX, TAG_MOVE = 11, 12
+
+
+class Placement:
+    """Contiguous block placement of n nodes over `size` ranks (uneven allowed)."""
+
+    def __init__(self, n: int, size: int):
+        if size > n:
+            raise ValueError(f"{size} ranks for {n} nodes: every rank needs at least one node")
+        base, extra = divmod(n, size)
+        counts = [base + (1 if r < extra else 0) for r in range(size)]
+        self.n, self.size = n, size
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def range(self, rank: int) -> Tuple[int, int]:
+        return int(self.starts[rank]), int(self.starts[rank + 1])
+
+    def count(self, rank: int) -> int:
+        lo, hi = self.range(rank)
+        return hi - lo
+
+    def owner(self, node) -> Any:
+        return np.searchsorted(self.starts, node, side="right") - 1
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+
+@dataclass
+class OpCounter:
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class MixPlan:
+    indptr: Any  # int64 (local_n + 1,) on the device
+    indices: Any  # int64, < local_n: local row; >= local_n: received row
+    weights: Any  # float32
+    recv: List[Tuple[int, int, int]]  # (peer, first slot, number of rows)
+    send: List[Tuple[int, Any]]  # (peer, local row indices, sorted)
+    n_remote: int
+    buffers: Dict[int, Any]  # d -> (remote rows, {peer: send buffer})
+
+
+class CommTimeout(RuntimeError):
+    pass
+
+
+def detect_cuda_aware() -> Tuple[bool, str]:
+    """Whether the loaded MPI library accepts device pointers, and how we know."""
+    try:
+        fn = ctypes.CDLL(None).MPIX_Query_cuda_support
+        fn.restype = ctypes.c_int
+        return bool(fn()), "MPIX_Query_cuda_support"
+    except (AttributeError, OSError):
+        pass
+    for var in ("MV2_USE_CUDA", "MPICH_GPU_SUPPORT_ENABLED", "OMPI_MCA_opal_cuda_support"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            return True, f"environment {var}"
+    return False, "no CUDA support reported by the MPI library"
+
+
+class Comm:
+    """The communication layer of one rank; see the module docstring."""
+
+    def __init__(self, n_nodes: int, *, backend: Optional[backend_mod.Backend] = None,
+                 kernels: Optional[Kernels] = None, timeout: float = 300.0, poll: float = 2e-4,
+                 cuda_aware: str = "auto", mpi_comm: Any = None):
+        from mpi4py import MPI
+        self.MPI = MPI
+        self.comm = (mpi_comm if mpi_comm is not None else MPI.COMM_WORLD).Dup()
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.placement = Placement(n_nodes, self.size)
+        self.n = n_nodes
+        self.lo, self.hi = self.placement.range(self.rank)
+        self.local_n = self.hi - self.lo
+        shared = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = shared.Get_rank(), shared.Get_size()
+        shared.Free()
+        self.backend = backend or backend_mod.cpu()
+        self.kernels = kernels or Kernels(on_gpu=self.backend.on_gpu, mode="numpy")
+        self.timeout, self.poll = float(timeout), float(poll)
+        self.cuda_aware_setting = cuda_aware
+        self._cuda_aware: Optional[bool] = None
+        self.cuda_aware_reason = "not needed: host arrays"
+        self.counters: Dict[str, OpCounter] = {}
+        self.step = -1  # set by the runner; named in timeout messages
+        self._plans: Dict[int, Tuple[np.ndarray, MixPlan]] = {}
+        self._pinned: Dict[Tuple[str, int, Tuple[int, ...]], np.ndarray] = {}
+
+    # ---------------------------------------------------------------------------------
+    # bookkeeping
+
+    def _count(self, op: str, nbytes: int, seconds: float) -> None:
+        c = self.counters.setdefault(op, OpCounter())
+        c.calls += 1
+        c.bytes += int(nbytes)
+        c.seconds += seconds
+
+    def totals(self) -> Tuple[int, float]:
+        """(bytes sent, seconds) summed over all operations so far."""
+        return (sum(c.bytes for c in self.counters.values()),
+                sum(c.seconds for c in self.counters.values()))
+
+    @property
+    def cuda_aware(self) -> bool:
+        if self._cuda_aware is None:
+            if self.cuda_aware_setting == "yes":
+                self._cuda_aware, self.cuda_aware_reason = True, "config device.cuda_aware: yes"
+            elif self.cuda_aware_setting == "no":
+                self._cuda_aware, self.cuda_aware_reason = False, "config device.cuda_aware: no"
+            else:
+                self._cuda_aware, self.cuda_aware_reason = detect_cuda_aware()
+        return self._cuda_aware
+
+    def _abort(self, op: str, peers: Sequence[int]) -> None:
+        who = f"rank {', '.join(map(str, peers))}" if peers else "the other ranks (collective)"
+        msg = (f"hpcopt: rank {self.rank}: waited more than comm.timeout = {self.timeout:g} s in {op} "
+               f"at step {self.step} for {who}; aborting the job")
+        print(msg, file=sys.stderr, flush=True)
+        self.comm.Abort(3)
+        raise CommTimeout(msg)  # only reached with a fake communicator in tests
+
+    def wait(self, requests: List[Any], op: str, peers: Sequence[int] = ()) -> None:
+        """Complete all requests politely: test, then sleep with back-off up to `poll`."""
+        if not requests:
+            return
+        MPI = self.MPI
+        if MPI.Request.Testall(requests):
+            return
+        t0 = time.perf_counter()
+        nap = 2e-6
+        while not MPI.Request.Testall(requests):
+            if time.perf_counter() - t0 > self.timeout:
+                pending = [p for r, p in zip(requests, peers) if not r.Test()] if peers else []
+                self._abort(op, pending)
+            time.sleep(nap)
+            nap = min(nap * 2, self.poll)
+
+    # ---------------------------------------------------------------------------------
+    # device buffers
+
+    def _host(self, tag: str, peer: int, shape: Tuple[int, ...]) -> np.ndarray:
+        key = (tag, peer, tuple(shape))
+        buf = self._pinned.get(key)
+        if buf is None:
+            buf = self.backend.pinned_empty(shape)
+            self._pinned[key] = buf
+        return buf
+
+    def _send_buf(self, a, tag: str, peer: int):
+        if not self.backend.is_device_array(a):
+            return a
+        if self.cuda_aware:
+            self.backend.synchronize()
+            return self.backend.device_view(a)
+        host = self._host("s" + tag, peer, a.shape)
+        self.backend.copy_to_host(a, host)
+        return host
+
+    def _recv_buf(self, a, tag: str, peer: int):
+        """(buffer to hand MPI, callback to run after completion or None)."""
+        if not self.backend.is_device_array(a):
+            return a, None
+        if self.cuda_aware:
+            self.backend.synchronize()
+            return self.backend.device_view(a), None
+        host = self._host("r" + tag, peer, a.shape)
+        return host, (lambda: self.backend.copy_from_host(host, a))
+
+    # ---------------------------------------------------------------------------------
+    # mixing
+
+    def plan(self, W: np.ndarray) -> MixPlan:
+        hit = self._plans.get(id(W))
+        if hit is not None and hit[0] is W:
+            return hit[1]
+        plan = self._build_plan(W)
+        self._plans[id(W)] = (W, plan)
+        return plan
+
+    def _build_plan(self, W: np.ndarray) -> MixPlan:
+        lo, hi = self.lo, self.hi
+        if W.shape != (self.n, self.n):
+            raise ValueError(f"mixing matrix is {W.shape}, expected ({self.n}, {self.n})")
+        block = W[lo:hi]
+        cols = np.nonzero((block != 0).any(axis=0))[0]
+        remote = cols[(cols < lo) | (cols >= hi)]  # sorted, so grouped by owner rank
+        slot = {int(j): k for k, j in enumerate(remote)}
+        owners = self.placement.owner(remote)
+        recv = []
+        for q in np.unique(owners):
+            where = np.nonzero(owners == q)[0]
+            recv.append((int(q), int(where[0]), int(len(where))))
+        indptr, indices, weights = [0], [], []
+        for i in range(lo, hi):
+            js = np.nonzero(W[i])[0]
+            for j in js:
+                indices.append(j - lo if lo <= j < hi else self.local_n + slot[int(j)])
+                weights.append(W[i, j])
+            indptr.append(len(indices))
+        send = []
+        mine = np.arange(lo, hi)
+        for q in range(self.size):
+            if q == self.rank:
+                continue
+            qlo, qhi = self.placement.range(q)
+            need = np.nonzero((W[qlo:qhi][:, lo:hi] != 0).any(axis=0))[0]
+            if need.size:
+                send.append((q, mine[need] - lo))
+        xp = self.backend.xp
+        return MixPlan(xp.asarray(np.asarray(indptr, np.int64)),
+                       xp.asarray(np.asarray(indices, np.int64)),
+                       xp.asarray(np.asarray(weights, np.float32)),
+                       recv, send, len(remote), {})
+
+    def _plan_buffers(self, plan: MixPlan, d: int):
+        bufs = plan.buffers.get(d)
+        if bufs is None:
+            remote = self.backend.empty((plan.n_remote, d))
+            packs = {}
+            for q, rows in plan.send:
+                if not _contiguous(rows):
+                    packs[q] = (self.backend.empty((len(rows), d)), self.backend.xp.asarray(rows))
+            bufs = (remote, packs)
+            plan.buffers[d] = bufs
+        return bufs
+
+    def mix_begin(self, X, W: np.ndarray):
+        """Post the messages of X -> W @ X; finish with `mix_end` (compute may overlap)."""
+        t0 = time.perf_counter()
+        plan = self.plan(W)
+        d = X.shape[1]
+        remote, packs = self._plan_buffers(plan, d)
+        reqs, peers, after = [], [], []
+        for q, first, count in plan.recv:
+            buf, cb = self._recv_buf(remote[first:first + count], "mix", q)
+            reqs.append(self.comm.Irecv(buf, source=q, tag=TAG_MIX))
+            peers.append(q)
+            if cb:
+                after.append(cb)
+        nbytes = 0
+        for q, rows in plan.send:
+            if q in packs:
+                buf, idx = packs[q]
+                self.backend.xp.take(X, idx, axis=0, out=buf)
+            else:
+                buf = X[int(rows[0]):int(rows[-1]) + 1]
+            reqs.append(self.comm.Isend(self._send_buf(buf, "mix", q), dest=q, tag=TAG_MIX))
+            peers.append(q)
+            nbytes += buf.nbytes
+        return (X, plan, remote, reqs, peers, after, nbytes, time.perf_counter() - t0)
+
+    def mix_end(self, handle, out=None):
+        X, plan, remote, reqs, peers, after, nbytes, spent = handle
+        t0 = time.perf_counter()
+        self.wait(reqs, "mix", peers)
+        for cb in after:
+            cb()
+        if out is None:
+            out = self.backend.empty(X.shape)
+        self.kernels.mix_rows(out, X, remote, plan.indptr, plan.indices, plan.weights)
+        self._count("mix", nbytes, spent + time.perf_counter() - t0)
+        return out
+
+    def mix(self, X, W: np.ndarray, out=None):
+        """Rows lo..hi of W @ X_all, where X_all stacks every rank's X."""
+        return self.mix_end(self.mix_begin(X, W), out)
+
+    # ---------------------------------------------------------------------------------
+    # collectives
+
+    def _reduce(self, a, op: str, name: str):
+        mpi_op = {"sum": self.MPI.SUM, "max": self.MPI.MAX, "min": self.MPI.MIN}[op]
+        out = self.backend.xp.empty_like(a) if self.backend.is_device_array(a) else np.empty_like(a)
+        if self.size == 1:
+            out[...] = a
+            return out
+        send = self._send_buf(a, name, -1)
+        recv, cb = self._recv_buf(out, name, -1)
+        self.wait([self.comm.Iallreduce(send, recv, op=mpi_op)], name)
+        if cb:
+            cb()
+        return out
+
+    def allreduce(self, a, op: str = "sum", name: str = "allreduce"):
+        """Element-wise reduction (sum, max, min) of a host or device array over ranks."""
+        t0 = time.perf_counter()
+        out = self._reduce(a, op, name)
+        self._count(name, a.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
+        return out
+
+    def mean(self, X):
+        """Average of all n nodes' rows: shape (d,), a new array."""
+        t0 = time.perf_counter()
+        local = X[0] if self.local_n == 1 else X.sum(axis=0)
+        total = self._reduce(local, "sum", "mean")
+        total *= np.float32(1.0 / self.n)
+        self._count("mean", local.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
+        return total
+
+    def allreduce_scalars(self, values, op: str = "sum") -> np.ndarray:
+        """Reduce a small host float64 vector over ranks."""
+        a = np.ascontiguousarray(values, dtype=np.float64)
+        return self.allreduce(a, op, name="scalars")
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (used for stop requests)."""
+        return bool(self.allreduce(np.array([1.0 if flag else 0.0]), "max", name="agree")[0])
+
+    def allgather_nodes(self, values) -> np.ndarray:
+        """Per-local-node host values (local_n, ...) -> all nodes (n, ...) on every rank."""
+        t0 = time.perf_counter()
+        v = np.ascontiguousarray(values, dtype=np.float64)
+        inner = int(np.prod(v.shape[1:])) if v.ndim > 1 else 1
+        out = np.empty((self.n,) + v.shape[1:], dtype=np.float64)
+        counts = self.placement.counts() * inner
+        displs = self.placement.starts[:-1] * inner
+        if self.size == 1:
+            out[...] = v
+        else:
+            req = self.comm.Iallgatherv(v, [out, counts, displs, self.MPI.DOUBLE])
+            self.wait([req], "allgather")
+        self._count("allgather", v.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
+        return out
+
+    def gather_ranks(self, values) -> Optional[np.ndarray]:
+        """A host float64 vector per rank -> (size, len) on rank 0 (None elsewhere)."""
+        v = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty((self.size,) + v.shape, dtype=np.float64) if self.rank == 0 else None
+        if self.size == 1:
+            out[0] = v
+            return out
+        self.wait([self.comm.Igather(v, out, root=0)], "gather")
+        return out
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self.comm.bcast(obj, root=root)
+
+    def gather_obj(self, obj: Any, root: int = 0) -> Optional[List[Any]]:
+        return self.comm.gather(obj, root=root)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.wait([self.comm.Ibarrier()], "barrier")
+
+    # ---------------------------------------------------------------------------------
+    # token moves
+
+    def move(self, X, src: Sequence[int], dst: Sequence[int]):
+        """In place: row of node src[i] is written to node dst[i], for all i at once.
+
+        Every rank passes the same (src, dst) lists; dst entries must be distinct.
+        Pairs with src == dst are skipped; pairs within a rank are row copies; rows for
+        one peer rank travel as one message. Sources are read before any destination is
+        written, so moves may form cycles.
+        """
+        t0 = time.perf_counter()
+        src = np.asarray(src, dtype=np.int64)
+        dst = np.asarray(dst, dtype=np.int64)
+        keep = src != dst
+        src, dst = src[keep], dst[keep]
+        own_s, own_d = self.placement.owner(src), self.placement.owner(dst)
+        xp = self.backend.xp
+        me = self.rank
+        reqs, peers, after, nbytes = [], [], [], 0
+        d = X.shape[1]
+        incoming = {}
+        for q in np.unique(own_s[(own_d == me) & (own_s != me)]):
+            sel = np.nonzero((own_d == me) & (own_s == q))[0]
+            buf = self.backend.empty((len(sel), d))
+            rbuf, cb = self._recv_buf(buf, "move", int(q))
+            reqs.append(self.comm.Irecv(rbuf, source=int(q), tag=TAG_MOVE))
+            peers.append(int(q))
+            if cb:
+                after.append(cb)
+            incoming[int(q)] = (sel, buf)
+        for q in np.unique(own_d[(own_s == me) & (own_d != me)]):
+            sel = np.nonzero((own_s == me) & (own_d == q))[0]
+            buf = xp.ascontiguousarray(X[xp.asarray(src[sel] - self.lo)])
+            reqs.append(self.comm.Isend(self._send_buf(buf, "move", int(q)), dest=int(q), tag=TAG_MOVE))
+            peers.append(int(q))
+            nbytes += buf.nbytes
+        local = np.nonzero((own_s == me) & (own_d == me))[0]
+        rows = X[xp.asarray(src[local] - self.lo)].copy() if local.size else None
+        self.wait(reqs, "move", peers)
+        for cb in after:
+            cb()
+        if rows is not None:
+            X[xp.asarray(dst[local] - self.lo)] = rows
+        for sel, buf in incoming.values():
+            X[xp.asarray(dst[sel] - self.lo)] = buf
+        self._count("move", nbytes, time.perf_counter() - t0)
+        return X
+
+    def free(self) -> None:
+        try:
+            self.comm.Free()
+        except Exception:  # noqa: BLE001 -- already finalized at interpreter exit
+            pass
+
+
+def _contiguous(rows) -> bool:
+    rows = np.asarray(rows)
+    return rows.size > 0 and int(rows[-1]) - int(rows[0]) + 1 == rows.size

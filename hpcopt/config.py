@@ -1,0 +1,434 @@
+"""YAML run configuration -> frozen dataclasses, with validation and dotted overrides.
+
+Every key is documented in the README ("Config reference"). Loading is strict: an
+unknown key, a value of the wrong type or an impossible value raises `ConfigError`
+with ONE line naming the key, the value and what is allowed. The CLI turns that into
+exit status 2 on every rank, before any training starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line (exit status 2)."""
+
+
+class Dataset(str, enum.Enum):
+    quadratic = "quadratic"
+    classification = "classification"
+    digits = "digits"
+    breast_cancer = "breast_cancer"
+    libsvm = "libsvm"
+    npz = "npz"
+    hdf5 = "hdf5"
+
+
+class Partition(str, enum.Enum):
+    iid = "iid"
+    dirichlet = "dirichlet"
+    shards = "shards"
+
+
+class Model(str, enum.Enum):
+    auto = "auto"
+    quadratic = "quadratic"
+    logistic = "logistic"
+    softmax = "softmax"
+    mlp = "mlp"
+
+
+class Activation(str, enum.Enum):
+    relu = "relu"
+    tanh = "tanh"
+
+
+class Algorithm(str, enum.Enum):
+    sync_sgd = "sync_sgd"
+    dsgd = "dsgd"
+
+
+class Order(str, enum.Enum):
+    combine_then_adapt = "combine_then_adapt"
+    adapt_then_combine = "adapt_then_combine"
+
+
+class Schedule(str, enum.Enum):
+    constant = "constant"
+    step = "step"
+    cosine = "cosine"
+    inverse = "inverse"
+
+
+class TopologyName(str, enum.Enum):
+    ring = "ring"
+    torus = "torus"
+    exponential = "exponential"
+    one_peer_exponential = "one_peer_exponential"
+    complete = "complete"
+    star = "star"
+    hypercube = "hypercube"
+    erdos_renyi = "erdos_renyi"
+    edgelist = "edgelist"
+
+
+class Weights(str, enum.Enum):
+    metropolis = "metropolis"
+    uniform = "uniform"
+
+
+class DeviceKind(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Tristate(str, enum.Enum):
+    auto = "auto"
+    yes = "yes"
+    no = "no"
+
+
+class KernelMode(str, enum.Enum):
+    auto = "auto"
+    compiled = "compiled"
+    numpy = "numpy"
+
+
+def _f(default: Any, help: str, **rules: Any) -> Any:
+    """A dataclass field carrying its documentation and its range rules."""
+    kw = {"default_factory": (lambda: default)} if isinstance(default, (list, tuple)) else {
+        "default": default}
+    return field(metadata={"help": help, **rules}, **kw)
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    name: str = _f("", "run name; the run directory is <out>/<name> (default: config file stem)")
+    out: str = _f("runs", "parent directory of run directories")
+    steps: int = _f(1000, "number of optimization steps", gt=0)
+    seed: int = _f(0, "seed of every random stream (keyed by seed, node, step)", ge=0)
+    eval_every: int = _f(100, "evaluate test loss/accuracy every this many steps (0: only at the end)", ge=0)
+    log_every: int = _f(50, "flush metrics to run.h5 and print progress every this many steps", gt=0)
+    checkpoint_every: int = _f(0, "write a checkpoint every this many steps (0: only at the end and on stop)", ge=0)
+    keep_checkpoints: int = _f(2, "how many complete checkpoints to keep", ge=1)
+    max_wall: float = _f(0.0, "wall-clock budget in seconds; on expiry checkpoint and exit 75 (0: none)", ge=0)
+    progress: bool = _f(True, "print a progress line with ETA on rank 0")
+
+
+@dataclass(frozen=True)
+class NodesCfg:
+    n: int = _f(4, "number of nodes (workers); placed on ranks in contiguous blocks", gt=0)
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    dataset: Dataset = _f(Dataset.digits, "data set")
+    path: str = _f("", "file for libsvm / npz / hdf5 data sets")
+    seed: int = _f(0, "seed of data generation, train/test split and partition", ge=0)
+    partition: Partition = _f(Partition.iid, "how samples are split over nodes (not used by quadratic)")
+    alpha: float = _f(0.5, "Dirichlet concentration for partition: dirichlet", gt=0)
+    shards_per_node: int = _f(2, "label shards per node for partition: shards", gt=0)
+    batch_size: int = _f(32, "minibatch per node and step (0: the node's whole data)", ge=0)
+    test_fraction: float = _f(0.2, "fraction of samples held out for test", ge=0, lt=1)
+    standardize: bool = _f(False, "standardize features with train statistics")
+    samples_per_node: int = _f(64, "synthetic data: samples per node", gt=0)
+    dim: int = _f(10, "synthetic data: number of features", gt=0)
+    classes: int = _f(2, "classification: number of classes", ge=2)
+    separation: float = _f(2.0, "classification: distance between class means", ge=0)
+    heterogeneity: float = _f(1.0, "quadratic: spread zeta of the nodes' own optima", ge=0)
+    noise: float = _f(0.1, "quadratic: label noise; classification: unused", ge=0)
+    feature_scale: float = _f(0.0, "classification: feature j scaled by 10**(s*(j/(dim-1)-0.5)); 0: none", ge=0)
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    name: Model = _f(Model.auto, "model (auto: quadratic for quadratic data, logistic for 2 classes, else softmax)")
+    hidden: Tuple[int, ...] = _f((64,), "mlp: hidden layer widths")
+    activation: Activation = _f(Activation.tanh, "mlp: activation")
+    l2: float = _f(0.0, "L2 penalty l2/2 * ||x||^2 on all parameters", ge=0)
+    init_scale: float = _f(1.0, "mlp: scale of the Glorot-uniform initialisation", ge=0)
+
+
+@dataclass(frozen=True)
+class AlgorithmCfg:
+    name: Algorithm = _f(Algorithm.dsgd, "method family")
+    order: Order = _f(Order.combine_then_adapt, "dsgd: combine_then_adapt (DPSGD) or adapt_then_combine")
+    overlap: bool = _f(True, "dsgd combine_then_adapt: compute gradients while neighbour rows are in flight")
+
+
+@dataclass(frozen=True)
+class OptimizerCfg:
+    lr: float = _f(0.1, "step size", gt=0)
+    schedule: Schedule = _f(Schedule.constant, "step-size schedule")
+    warmup_steps: int = _f(0, "linear warm-up from lr/warmup_steps to lr", ge=0)
+    milestones: Tuple[int, ...] = _f((), "schedule: step -- steps at which lr is multiplied by gamma")
+    gamma: float = _f(0.1, "schedule: step -- factor", gt=0)
+    min_lr: float = _f(0.0, "schedule: cosine -- final step size", ge=0)
+    decay: float = _f(100.0, "schedule: inverse -- lr / (1 + t / decay)", gt=0)
+    momentum: float = _f(0.0, "heavy-ball momentum", ge=0, lt=1)
+    nesterov: bool = _f(False, "Nesterov momentum")
+    weight_decay: float = _f(0.0, "coupled weight decay added to the gradient", ge=0)
+
+
+@dataclass(frozen=True)
+class TopologyCfg:
+    name: TopologyName = _f(TopologyName.ring, "communication graph (dsgd)")
+    weights: Weights = _f(Weights.metropolis, "mixing weights: metropolis (Metropolis-Hastings) or uniform (regular graphs)")
+    p: float = _f(0.3, "erdos_renyi: edge probability", gt=0, le=1)
+    seed: int = _f(0, "erdos_renyi: graph seed", ge=0)
+    path: str = _f("", "edgelist: file with one 'i j' pair per line (0-based)")
+    rows: int = _f(0, "torus: grid rows (0: the divisor of n closest to sqrt(n))", ge=0)
+
+
+@dataclass(frozen=True)
+class DeviceCfg:
+    kind: DeviceKind = _f(DeviceKind.auto, "auto (GPU when CuPy sees one), cpu or gpu")
+    cuda_aware: Tristate = _f(Tristate.auto, "hand device buffers to MPI directly (auto: detect)")
+    kernels: KernelMode = _f(KernelMode.auto, "fused kernels: auto, compiled (required) or numpy (references)")
+
+
+@dataclass(frozen=True)
+class CommCfg:
+    timeout: float = _f(300.0, "seconds a wait on a peer may take before the job is aborted", gt=0)
+    poll: float = _f(2e-4, "longest sleep between polls of a pending request (seconds)", gt=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunCfg = field(default_factory=RunCfg)
+    nodes: NodesCfg = field(default_factory=NodesCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    algorithm: AlgorithmCfg = field(default_factory=AlgorithmCfg)
+    optimizer: OptimizerCfg = field(default_factory=OptimizerCfg)
+    topology: TopologyCfg = field(default_factory=TopologyCfg)
+    device: DeviceCfg = field(default_factory=DeviceCfg)
+    comm: CommCfg = field(default_factory=CommCfg)
+
+
+# ---------------------------------------------------------------------------------------
+# conversion and checking
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key} = {_show(value)} is not allowed: {allowed}")
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, key)
+    if origin in (tuple, Tuple):
+        (inner, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise _bad(key, value, f"expected a list of {inner.__name__}")
+        return tuple(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        names = [m.value for m in tp]
+        if isinstance(value, bool) and "yes" in names:  # YAML 1.1 reads yes/no as booleans
+            value = "yes" if value else "no"
+        if isinstance(value, str) and value in names:
+            return tp(value)
+        raise _bad(key, value, "choose one of " + ", ".join(names))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad(key, value, "expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _bad(key, value, "expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _bad(key, value, "expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _bad(key, value, "expected a string")
+    raise TypeError(f"unsupported config type {tp!r}")  # programming error
+
+
+def _check_rules(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if v != v or v in (float("inf"), float("-inf")):
+            raise _bad(key, value, "must be a finite number")
+        for rule, test, word in (("gt", v.__gt__, ">"), ("ge", v.__ge__, ">="),
+                                 ("lt", v.__lt__, "<"), ("le", v.__le__, "<=")):
+            if rule in meta and not test(meta[rule]):
+                raise _bad(key, value, f"must be {word} {meta[rule]}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise _bad(prefix or "config", data, "expected a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            raise ConfigError(f"{key}: unknown key; allowed keys: {', '.join(fields)}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, key)
+        else:
+            kwargs[k] = _coerce(tp, v, key)
+            _check_rules(key, kwargs[k], fields[k].metadata)
+    return cls(**kwargs)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that need more than one key."""
+    n = cfg.nodes.n
+    topo = cfg.topology
+    if topo.name is TopologyName.hypercube and not _is_pow2(n):
+        raise _bad("topology.name", topo.name.value, f"hypercube needs nodes.n a power of 2 (nodes.n = {n})")
+    if topo.name is TopologyName.edgelist and not topo.path:
+        raise _bad("topology.path", topo.path, "edgelist needs the path of an edge-list file")
+    if topo.rows and n % topo.rows:
+        raise _bad("topology.rows", topo.rows, f"must divide nodes.n = {n}")
+    if cfg.data.dataset in (Dataset.libsvm, Dataset.npz, Dataset.hdf5) and not cfg.data.path:
+        raise _bad("data.path", cfg.data.path, f"data.dataset {cfg.data.dataset.value} needs a file path")
+    if cfg.data.dataset is Dataset.quadratic and cfg.model.name not in (Model.auto, Model.quadratic):
+        raise _bad("model.name", cfg.model.name.value, "quadratic data go with model auto or quadratic")
+    if cfg.model.name is Model.quadratic and cfg.data.dataset is not Dataset.quadratic:
+        raise _bad("model.name", "quadratic", "the quadratic model needs data.dataset: quadratic")
+    if any(h <= 0 for h in cfg.model.hidden):
+        raise _bad("model.hidden", list(cfg.model.hidden), "widths must be > 0")
+    ms = cfg.optimizer.milestones
+    if any(m <= 0 for m in ms) or list(ms) != sorted(ms):
+        raise _bad("optimizer.milestones", list(ms), "must be increasing positive steps")
+    if cfg.optimizer.nesterov and cfg.optimizer.momentum == 0:
+        raise _bad("optimizer.nesterov", True, "needs optimizer.momentum > 0")
+
+
+def from_dict(data: Any, default_name: str = "run") -> Config:
+    cfg = _build(Config, data, "")
+    if not cfg.run.name:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=default_name))
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> Tuple[list, Any]:
+    """'optimizer.lr=0.05' -> (['optimizer', 'lr'], 0.05); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optimizer.lr=0.05")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. optimizer.lr=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        sec = data.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise _bad(section, sec, "expected a mapping of keys to values")
+        sec[key] = value
+    return data
+
+
+def read_yaml(path: str) -> Tuple[dict, str]:
+    """Read a YAML file; returns (mapping, text). Errors are one-line ConfigErrors."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data, text
+
+
+def load(path: str, overrides: typing.Iterable[str] = ()) -> Config:
+    data, _ = read_yaml(path)
+    data = apply_overrides(data, overrides)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return from_dict(data, default_name=stem)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Config -> plain data (enums as strings, tuples as lists), for YAML dumps."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def reference(cls: type = Config, prefix: str = "") -> typing.List[Tuple[str, str, str, str]]:
+    """(key, type, default, help) for every key: the README table is made from this."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(tp):
+            rows += reference(tp, key)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            tname = " \\| ".join(m.value for m in tp)
+        else:
+            tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+            if typing.get_origin(tp) is tuple:
+                tname = f"list of {typing.get_args(tp)[0].__name__}"
+        rows.append((key, tname, _show(to_dict(default)), f.metadata.get("help", "")))
+    return rows
+

@@ -1,0 +1,47 @@
+// cpu_shim.h -- lets hpcopt's CUDA kernel sources compile as C++ for the CPU.
+//
+// hpcopt/kernels.py compiles kernels/*.cu with `-include cpu_shim.h -fopenmp`.
+// The CUDA qualifiers become no-ops, the built-in index variables exist (a grid of one
+// thread), and the loop macros used by every kernel become OpenMP loops with a static
+// schedule: each core gets ONE contiguous chunk. Copying the GPU launch shape (a small
+// grid with a large stride) onto CPU threads would make neighbouring threads write
+// interleaved elements of the same cache lines, which is very slow.
+#ifndef HPCOPT_CPU_SHIM_H
+#define HPCOPT_CPU_SHIM_H
+#define HPCOPT_CPU_SHIM 1
+
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+// __restrict__ is understood by GCC and Clang in C++ as it is by nvcc.
+
+struct hpcopt_dim3 { unsigned int x, y, z; };
+static const hpcopt_dim3 threadIdx = {0u, 0u, 0u};
+static const hpcopt_dim3 blockIdx = {0u, 0u, 0u};
+static const hpcopt_dim3 blockDim = {1u, 1u, 1u};
+static const hpcopt_dim3 gridDim = {1u, 1u, 1u};
+
+// Element loop: one contiguous chunk per thread, vectorised inside the chunk.
+#define HPCOPT_LOOP(i, n) \
+    _Pragma("omp parallel for simd schedule(static)") \
+    for (long long i = 0; i < (long long)(n); ++i)
+
+// Row x column loop: threads share out (row, column-block) tiles in contiguous runs;
+// inside a tile the column loop is vectorised across lanes.
+#define HPCOPT_TILE 2048
+#define HPCOPT_LOOP2(r, c, R, C) \
+    _Pragma("omp parallel for collapse(2) schedule(static)") \
+    for (long long r = 0; r < (long long)(R); ++r) \
+    for (long long c##_tile = 0; c##_tile < (long long)(C); c##_tile += HPCOPT_TILE) \
+    _Pragma("omp simd") \
+    for (long long c = c##_tile; c < ((c##_tile + HPCOPT_TILE < (long long)(C)) ? c##_tile + HPCOPT_TILE : (long long)(C)); ++c)
+
+extern "C" void hpcopt_set_threads(int n) { if (n > 0) omp_set_num_threads(n); }
+extern "C" int hpcopt_get_threads(void) { return omp_get_max_threads(); }
+
+#endif
