@@ -42,7 +42,9 @@ class Backend:
         return self.xp.empty(shape, dtype=dtype)
 
     def to_host(self, a) -> np.ndarray:
-        return a if isinstance(a, np.ndarray) else a.get()
+        if isinstance(a, (np.ndarray, np.generic)) or not hasattr(a, "get"):
+            return np.asarray(a)
+        return a.get()
 
     def synchronize(self) -> None:
         if self.on_gpu:

@@ -1,0 +1,33 @@
+"""One module per method family.
+
+Each module defines
+  State                  a NamedTuple of arrays (a checkpoint saves exactly these);
+  SHARDED                names of State fields with the node axis first (others are
+                         replicated on every rank);
+  init(ctx, x0) -> State
+  step(ctx, state, t, lr) -> (State, stats)   stats["loss"]: local nodes' batch losses;
+  node_params(ctx, state) -> (local_n, d) array of the nodes' models;
+  average(ctx, state) -> (d,) average model (a collective: every rank calls it).
+Algorithms compute and communicate through `ctx.comm`; they never print or open files.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from . import dsgd, sync_sgd
+
+REGISTRY = {"sync_sgd": sync_sgd, "dsgd": dsgd}
+
+
+class Context(NamedTuple):
+    cfg: Any  # Config
+    comm: Any  # comm.Comm
+    backend: Any  # backend.Backend
+    kernels: Any  # kernels.Kernels
+    model: Any
+    data: Any  # data.NodeData
+    topology: Any  # topology.Topology or None
+
+
+def get(name: str):
+    return REGISTRY[name]

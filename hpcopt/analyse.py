@@ -1,0 +1,139 @@
+"""Tables from run files: `hpcopt analyse RUN [RUN ...]`.
+
+Works on finished runs and on runs still being written (figures then come from the
+last evaluation and the last flushed metrics row).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import sys
+from typing import List
+
+import numpy as np
+import yaml
+
+from . import store
+from .config import ConfigError
+
+
+def _last(a, default=float("nan")):
+    return float(a[-1]) if a is not None and len(a) else default
+
+
+def _best(a, mode="max"):
+    if a is None or not len(a):
+        return float("nan")
+    a = np.asarray(a, dtype=float)
+    if np.all(np.isnan(a)):
+        return float("nan")
+    return float(np.nanmax(a) if mode == "max" else np.nanmin(a))
+
+
+def run_row(run: dict) -> dict:
+    cfg = yaml.safe_load(run["config_text"]) or {}
+    algo = cfg.get("algorithm", {}).get("name", "?")
+    if algo == "dsgd":
+        algo += f" ({cfg.get('topology', {}).get('name', '?')})"
+    m, e, s, attrs = run["metrics"], run["eval"], run["summary"], run["attrs"]
+    steps_total = cfg.get("run", {}).get("steps", 0)
+    done = int(m["step"][-1]) + 1 if "step" in m and len(m["step"]) else 0
+    nodes = int(attrs.get("nodes", cfg.get("nodes", {}).get("n", 0)))
+    bytes_sent = np.asarray(m.get("bytes_sent", np.zeros((0, 1))))
+    comm_s = np.asarray(m.get("comm_seconds", np.zeros((0, 1))))
+    comp_s = np.asarray(m.get("compute_seconds", np.zeros((0, 1))))
+    total_s = comm_s.sum() + comp_s.sum()
+    return {
+        "run": os.path.basename(os.path.dirname(os.path.abspath(run["path"]))),
+        "method": algo, "nodes": nodes, "ranks": int(attrs.get("ranks", 0)),
+        "steps": f"{done}/{steps_total}" if not s else str(s.get("steps", done)),
+        "final_acc": _last(e.get("test_accuracy")), "best_acc": _best(e.get("test_accuracy")),
+        "final_loss": _last(e.get("test_loss")), "best_loss": _best(e.get("test_loss"), "min"),
+        "wall_s": float(s["wall_seconds"]) if "wall_seconds" in s else _last(m.get("wall")),
+        "MB_per_node": float(bytes_sent.sum()) / max(1, nodes) / 1e6,
+        "comm_share": float(comm_s.sum() / total_s) if total_s > 0 else float("nan"),
+        "status": "finished" if s else "running or stopped",
+    }
+
+
+COLUMNS = [("run", "run", "{}"), ("method", "method", "{}"), ("nodes", "nodes", "{}"), ("ranks", "ranks", "{}"),
+           ("steps", "steps", "{}"), ("final_acc", "final acc", "{:.4f}"), ("best_acc", "best acc", "{:.4f}"),
+           ("final_loss", "final loss", "{:.4g}"), ("best_loss", "best loss", "{:.4g}"),
+           ("wall_s", "wall s", "{:.1f}"), ("MB_per_node", "MB/node", "{:.2f}"), ("comm_share", "comm", "{:.0%}")]
+
+
+def format_table(rows: List[dict], columns=COLUMNS) -> str:
+    cells = [[title for _, title, _ in columns]]
+    for r in rows:
+        line = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            line.append("n/a" if isinstance(v, float) and v != v else fmt.format(v))
+        cells.append(line)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def per_node_table(run: dict) -> str:
+    e = run["eval"]
+    if "node_test_loss" not in e or not len(e["node_test_loss"]):
+        return "no evaluation yet"
+    loss, acc = e["node_test_loss"][-1], e["node_test_accuracy"][-1]
+    rows = [{"node": i, "test_loss": float(loss[i]), "test_acc": float(acc[i])} for i in range(len(loss))]
+    cols = [("node", "node", "{}"), ("test_loss", "test loss", "{:.4g}"), ("test_acc", "test acc", "{:.4f}")]
+    spread = (f"spread: accuracy {np.nanmin(acc):.4f}..{np.nanmax(acc):.4f}, "
+              f"loss {np.nanmin(loss):.4g}..{np.nanmax(loss):.4g}") if not np.all(np.isnan(acc)) else \
+        f"spread: loss {np.nanmin(loss):.4g}..{np.nanmax(loss):.4g}"
+    return format_table(rows, cols) + "\n" + spread
+
+
+def per_rank_table(run: dict) -> str:
+    m = run["metrics"]
+    if "comm_seconds" not in m or not len(m["comm_seconds"]):
+        return "no metrics yet"
+    comp, comm, sent = (np.asarray(m[k]).sum(axis=0) for k in ("compute_seconds", "comm_seconds", "bytes_sent"))
+    rows = [{"rank": r, "compute": comp[r], "comm": comm[r], "MB": sent[r] / 1e6,
+             "share": comm[r] / max(1e-12, comm[r] + comp[r])} for r in range(len(comp))]
+    cols = [("rank", "rank", "{}"), ("compute", "compute s", "{:.3f}"), ("comm", "comm s", "{:.3f}"),
+            ("MB", "MB sent", "{:.2f}"), ("share", "comm share", "{:.0%}")]
+    return format_table(rows, cols)
+
+
+def expand(paths: List[str]) -> List[str]:
+    out = []
+    for p in paths:
+        hits = sorted(glob.glob(p)) or [p]
+        for h in hits:
+            f = h if h.endswith(".h5") else os.path.join(h, store.RUN_FILE)
+            if not os.path.exists(f):
+                raise ConfigError(f"{h}: no {store.RUN_FILE} here (expected a run directory)")
+            out.append(h)
+    return out
+
+
+def main(args) -> int:
+    runs = []
+    for p in expand(args.runs):
+        try:
+            runs.append(store.read_run(p))
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read the run file ({exc})") from None
+    rows = [run_row(r) for r in runs]
+    print(format_table(rows))
+    if args.per_node:
+        for r, row in zip(runs, rows):
+            print(f"\nper node: {row['run']}\n{per_node_table(r)}")
+    if args.per_rank:
+        for r, row in zip(runs, rows):
+            print(f"\nper rank: {row['run']}\n{per_rank_table(r)}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=[k for k, _, _ in COLUMNS] + ["status"])
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: row[k] for k in w.fieldnames})
+        print(f"wrote {args.csv}", file=sys.stderr)
+    return 0

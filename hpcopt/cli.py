@@ -1,0 +1,147 @@
+"""Command line: hpcopt run | analyse | topology (also `python -m hpcopt`).
+
+Configuration errors print ONE line and exit with status 2 on every rank, before MPI
+work starts; only rank 0 prints (the rank is read from the launcher's environment).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+EXIT_CONFIG = 2
+RANK_VARS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK")
+LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE",
+                   "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+def _launcher_rank() -> int:
+    for var in RANK_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _limit_threads() -> None:
+    """Give each rank its share of the cores for BLAS (before NumPy is imported)."""
+    size = next((int(os.environ[v]) for v in LOCAL_SIZE_VARS if os.environ.get(v, "").isdigit()), 1)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    share = str(max(1, cores // max(1, size)))
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(var, share)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _fail(msg: str, code: int = EXIT_CONFIG) -> int:
+    if _launcher_rank() == 0:
+        print(f"hpcopt: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def builtin_config(name: str):
+    """Path of a config shipped with the package (e.g. 'quickstart'), or None."""
+    try:
+        from . import builtin_configs  # type: ignore[attr-defined]
+        base = builtin_configs.__path__[0]
+    except ImportError:
+        base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    path = os.path.join(base, name if name.endswith(".yaml") else name + ".yaml")
+    return path if os.path.exists(path) else None
+
+
+def cmd_run(args) -> int:
+    from . import config
+    path = args.config
+    if not os.path.exists(path) and builtin_config(path):
+        path = builtin_config(path)
+    cfg = config.load(path, args.set or [])
+    _limit_threads()
+    from . import runner
+    run_dir = args.out or os.path.join(cfg.run.out, cfg.run.name)
+    return runner.run_config(cfg, runner.resolved_text(cfg), run_dir, resume=args.resume, force=args.force)
+
+
+def cmd_analyse(args) -> int:
+    from . import analyse
+    return analyse.main(args)
+
+
+def cmd_topology(args) -> int:
+    from . import topology
+    if args.n < 1:
+        return _fail(f"--n = {args.n} is not allowed: must be >= 1")
+    topo = topology.build(args.name, args.n, weights=args.weights, p=args.p, seed=args.seed,
+                          path=args.path, rows=args.rows)
+    s = topology.summary(topo)
+    print(f"topology {s['name']} on {s['n']} nodes ({'directed, ' if s['directed'] else ''}"
+          f"{s['phases']} phase{'s' if s['phases'] > 1 else ''})")
+    deg = f"{s['degree_min']}" if s['degree_min'] == s['degree_max'] else f"{s['degree_min']}..{s['degree_max']}"
+    print(f"  degree               {deg}")
+    print(f"  spectral gap         {s['spectral_gap']:.6g}" + (
+        f"  (one period: {s['spectral_gap_period']:.6g})" if s['phases'] > 1 else ""))
+    print(f"  messages per step    {s['edges_per_step']:.0f}")
+    print(f"  neighbour weights    {s['weight_min']:.4g} .. {s['weight_max']:.4g}")
+    print(f"  self weights         {s['self_weight_min']:.4g} .. {s['self_weight_max']:.4g}")
+    if args.matrix:
+        import numpy as np
+        with np.printoptions(precision=3, suppress=True, linewidth=200):
+            print(topo.mixing_matrix(0))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpcopt", description="Distributed and decentralized SGD over MPI.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a config (under mpiexec / srun for several ranks)")
+    r.add_argument("config", help="YAML file, or the name of a bundled config such as 'quickstart'")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. optimizer.lr=0.05")
+    r.add_argument("--out", help="run directory (default: <run.out>/<run.name>)")
+    r.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    r.add_argument("--force", action="store_true", help="replace an existing run in the run directory")
+    r.set_defaults(func=cmd_run)
+    a = sub.add_parser("analyse", aliases=["analyze"], help="summary table of one or more runs")
+    a.add_argument("runs", nargs="+", help="run directories (or run.h5 files)")
+    a.add_argument("--per-node", action="store_true", help="final test loss/accuracy of every node")
+    a.add_argument("--per-rank", action="store_true", help="compute / comm seconds and bytes per rank")
+    a.add_argument("--csv", help="also write the table to this CSV file")
+    a.set_defaults(func=cmd_analyse)
+    t = sub.add_parser("topology", help="degree, spectral gap and weights of a graph")
+    t.add_argument("name", choices=["ring", "torus", "exponential", "one_peer_exponential", "complete", "star",
+                                    "hypercube", "erdos_renyi", "edgelist"])
+    t.add_argument("--n", type=int, required=True, help="number of nodes")
+    t.add_argument("--weights", choices=["metropolis", "uniform"], default="metropolis")
+    t.add_argument("--p", type=float, default=0.3, help="erdos_renyi edge probability")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--path", default="", help="edge-list file")
+    t.add_argument("--rows", type=int, default=0, help="torus rows")
+    t.add_argument("--matrix", action="store_true", help="print the mixing matrix")
+    t.set_defaults(func=cmd_topology)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .backend import BackendError
+    from .config import ConfigError
+    from .kernels import KernelError
+    try:
+        return args.func(args)
+    except (ConfigError, BackendError, KernelError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # noqa: BLE001 -- last resort: make every rank stop, not hang
+        traceback.print_exc()
+        if "mpi4py.MPI" in sys.modules:
+            from mpi4py import MPI
+            if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+                MPI.COMM_WORLD.Abort(1)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,368 @@
+"""Build a run from a config and drive it: the loop, evaluation, logging, checkpoints, signals.
+
+Exit statuses (also in the README): 0 finished; 2 bad config or input; 75 stopped early
+by SIGTERM / SIGUSR1 / run.max_wall after writing a checkpoint ("requeue me"); 1 other
+failures. Only rank 0 prints and writes run.h5; every rank writes its checkpoint shard.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, Optional
+
+import numpy as np
+
+from . import __version__, algorithms, config as config_mod, data as data_mod, models, optim, store
+from . import topology as topology_mod
+from .backend import select as select_backend
+from .comm import Comm
+from .config import Config, ConfigError
+from .kernels import Kernels
+
+EXIT_REQUEUE = 75
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; read at step boundaries (handlers do nothing else)."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+
+    def __call__(self, signum, frame):  # noqa: ARG002 -- signal handler signature
+        self.signal = signum
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self)
+
+
+def _git_describe() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _threads_per_rank(local_size: int) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_size))
+
+
+def _fmt_time(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Runner:
+    def __init__(self, cfg: Config, config_text: str, run_dir: str, resume: bool = False,
+                 force: bool = False, out=sys.stdout):
+        self.cfg = cfg
+        self.config_text = config_text
+        self.run_dir = run_dir
+        self.resume = resume
+        self.force = force
+        self.out = out
+        self.stop = StopFlag()
+
+    # ---------------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        if self.comm.rank == 0:
+            print(text, file=self.out, flush=True)
+
+    def setup(self) -> None:
+        from mpi4py import MPI
+        cfg = self.cfg
+        n = cfg.nodes.n
+        size = MPI.COMM_WORLD.Get_size()
+        if size > n:
+            raise ConfigError(f"nodes.n = {n} is not allowed: the job has {size} ranks and every rank "
+                              f"needs at least one node (use nodes.n >= {size} or fewer ranks)")
+        self.comm = comm = Comm(n, timeout=cfg.comm.timeout, poll=cfg.comm.poll,
+                                cuda_aware=cfg.device.cuda_aware.value)
+        self.backend = select_backend(cfg.device.kind.value, comm.local_rank)
+        self.kernels = Kernels(on_gpu=self.backend.on_gpu, mode=cfg.device.kernels.value,
+                               threads=_threads_per_rank(comm.local_size))
+        comm.backend, comm.kernels = self.backend, self.kernels
+        if cfg.algorithm.name.value == "dsgd":
+            self.topology = topology_mod.from_config(cfg.topology, n)
+        else:
+            self.topology = None
+        self.dataset = ds = data_mod.load(cfg.data, n)
+        self.parts = data_mod.partition(ds, n, cfg.data.partition.value, cfg.data.alpha,
+                                        cfg.data.shards_per_node, cfg.data.seed)
+        self.model = models.build(cfg.model, ds)
+        self.node_data = data_mod.NodeData(self.backend.xp, ds, self.parts, range(comm.lo, comm.hi),
+                                           cfg.data.batch_size, cfg.run.seed)
+        xp = self.backend.xp
+        self.X_test = xp.asarray(ds.X_test)
+        self.y_test = xp.asarray(ds.y_test)
+        self.w_test = xp.full((1, len(ds.X_test)), 1.0 / max(1, len(ds.X_test)), dtype=np.float32)
+        self.algo = algorithms.get(cfg.algorithm.name.value)
+        self.ctx = algorithms.Context(cfg, comm, self.backend, self.kernels, self.model, self.node_data,
+                                      self.topology)
+
+    def attrs(self) -> Dict[str, object]:
+        from mpi4py import MPI
+        import h5py
+        c = self.comm
+        return {
+            "hpcopt_version": __version__, "numpy_version": np.__version__, "h5py_version": h5py.__version__,
+            "mpi_vendor": MPI.Get_library_version().splitlines()[0].strip(),
+            "mpi4py_version": __import__("mpi4py").__version__,
+            "cuda_aware": str(c.cuda_aware) if self.backend.on_gpu else "not needed (host arrays)",
+            "cuda_aware_source": c.cuda_aware_reason if self.backend.on_gpu else "",
+            "ranks": c.size, "nodes": c.n, "placement": c.placement.starts,
+            "device": self.backend.device_name, "kernels": self.kernels.impl,
+            "kernels_note": self.kernels.note, "kernel_threads": self.kernels.threads,
+            "algorithm": self.cfg.algorithm.name.value, "model": self.model.kind, "dim": self.model.d,
+            "dataset": self.dataset.name, "git": _git_describe(), "created": time.time(),
+        }
+
+    # ---------------------------------------------------------------------------------
+    def prepare_dir(self) -> Optional[dict]:
+        """Create or reuse the run directory; returns the checkpoint to resume from."""
+        c = self.comm
+        path = os.path.join(self.run_dir, store.RUN_FILE)
+        problem = ""
+        if c.rank == 0:
+            if os.path.exists(path) and not (self.resume or self.force):
+                problem = (f"run directory {self.run_dir} already holds a run; pass --resume to "
+                           f"continue it or --force to start over")
+            elif self.force and not self.resume and os.path.isdir(self.run_dir):
+                shutil.rmtree(store.ckpt_root(self.run_dir), ignore_errors=True)
+                if os.path.exists(path):
+                    os.remove(path)
+            if not problem:
+                os.makedirs(self.run_dir, exist_ok=True)
+        problem = c.bcast(problem)
+        if problem:
+            raise ConfigError(problem)
+        info, skipped = (store.latest(self.run_dir) if c.rank == 0 and self.resume else (None, []))
+        info, skipped = c.bcast((info, skipped))
+        self.rf = store.RunFile(self.run_dir) if c.rank == 0 else None
+        if c.rank == 0:
+            if not self.rf.exists():
+                self.rf.create(self.config_text, self.attrs())
+            for why in skipped:
+                self.say(f"hpcopt: {why}; skipped")
+                self.rf.event(-1, "checkpoint_skipped", why)
+        return info
+
+    def restore(self, info: dict):
+        names = self.algo.State._fields
+        sharded = [k for k in names if k in self.algo.SHARDED]
+        replicated = [k for k in names if k not in self.algo.SHARDED]
+        arrays = store.read_state(self.run_dir, info, self.comm.lo, self.comm.hi, sharded, replicated)
+        return self.algo.State(**{k: self.backend.asarray(arrays[k]) for k in names})
+
+    def checkpoint(self, state, step: int) -> None:
+        c = self.comm
+        self.backend.synchronize()
+        names = state._fields
+        sharded = {k: self.backend.to_host(getattr(state, k)) for k in names if k in self.algo.SHARDED}
+        replicated = ({k: self.backend.to_host(getattr(state, k)) for k in names if k not in self.algo.SHARDED}
+                      if c.rank == 0 else {})
+        try:
+            name, digest = store.write_shard(self.run_dir, step, c.rank, c.lo, c.hi, sharded, replicated)
+            mine = {"rank": c.rank, "file": name, "sha256": digest, "lo": c.lo, "hi": c.hi}
+        except OSError as exc:
+            mine = {"rank": c.rank, "error": str(exc)}
+        shards = c.gather_obj(mine)
+        if c.rank == 0:
+            errors = [s["error"] for s in shards if "error" in s]
+            if errors:
+                self.say(f"hpcopt: checkpoint at step {step} failed: {errors[0]}")
+                self.rf.event(step, "checkpoint_failed", errors[0])
+            else:
+                store.write_complete(self.run_dir, step, shards,
+                                     {"ranks": c.size, "nodes": c.n, "algorithm": self.cfg.algorithm.name.value})
+                store.prune(self.run_dir, self.cfg.run.keep_checkpoints)
+        c.barrier()
+
+    # ---------------------------------------------------------------------------------
+    def evaluate(self, state, step: int) -> dict:
+        c, xp = self.comm, self.backend.xp
+        X = self.algo.node_params(self.ctx, state)
+        xbar = self.algo.average(self.ctx, state)
+        diff = X - xbar[None, :]
+        cd = c.allreduce_scalars([float(self.backend.to_host((diff * diff).sum()))])[0] / c.n
+        node_loss = self.backend.to_host(self.model.loss(X, self.X_test, self.y_test,
+                                                         xp.broadcast_to(self.w_test, (X.shape[0], self.w_test.shape[1]))))
+        node_acc = self.backend.to_host(self.model.accuracy(X, self.X_test, self.y_test))
+        per_node = c.allgather_nodes(np.stack([node_loss, node_acc], axis=1))
+        row = {"step": np.array([step], np.int64), "consensus_distance": np.array([cd]),
+               "node_test_loss": per_node[None, :, 0], "node_test_accuracy": per_node[None, :, 1]}
+        if c.rank == 0:
+            xb = xbar[None, :]
+            row["test_loss"] = np.array([float(self.backend.to_host(self.model.loss(xb, self.X_test, self.y_test,
+                                                                                    self.w_test))[0])])
+            row["test_accuracy"] = np.array([float(self.backend.to_host(
+                self.model.accuracy(xb, self.X_test, self.y_test))[0])])
+        return row
+
+    # ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.setup()
+        cfg, c = self.cfg, self.comm
+        info = self.prepare_dir()
+        x0 = self.model.init(cfg.run.seed)
+        state = self.algo.init(self.ctx, x0)
+        start = 0
+        if info is not None:
+            state = self.restore(info)
+            start = int(info["step"])
+            if c.rank == 0:
+                dropped = self.rf.truncate(start)
+                self.rf.event(start, "resume", f"resumed from checkpoint step {start} on {c.size} ranks "
+                                               f"(checkpoint written by {info.get('ranks')} ranks); "
+                                               f"{dropped} later rows dropped")
+            self.say(f"hpcopt: resuming {cfg.run.name} at step {start}")
+        elif self.resume:
+            self.say(f"hpcopt: no checkpoint in {self.run_dir}; starting at step 0")
+        self.stop.install()
+        if self.kernels.note:
+            self.say(f"hpcopt: warning: {self.kernels.note}")
+        self.say(f"hpcopt: {cfg.algorithm.name.value} on {cfg.nodes.n} nodes x {c.size} ranks, "
+                 f"model {self.model.kind} (d = {self.model.d}), data {self.dataset.name}, "
+                 f"device {self.backend.device_name}, kernels {self.kernels.impl} -> {self.run_dir}")
+        code = self.loop(state, start)
+        return code
+
+    def loop(self, state, start: int) -> int:
+        cfg, c, b = self.cfg, self.comm, self.backend
+        T = cfg.run.steps
+        buf: Dict[str, list] = {k: [] for k in ("step", "lr", "wall", "train_loss", "rank")}
+        t_begin = time.perf_counter()
+        last_eval: dict = {}
+        best_acc = -np.inf
+        stop_reason = ""
+        step = start
+        steps_done = 0
+
+        def flush(final: bool = False) -> None:
+            if not buf["step"]:
+                return
+            losses = np.stack(buf["train_loss"], axis=1)  # (local_n, rows)
+            per_node = c.allgather_nodes(losses).T  # (rows, n)
+            per_rank = c.gather_ranks(np.stack(buf["rank"], axis=0).ravel())  # (ranks, rows*3)
+            if c.rank == 0:
+                rows = len(buf["step"])
+                pr = per_rank.reshape(c.size, rows, 3).transpose(1, 0, 2)
+                self.rf.append("metrics", {
+                    "step": np.array(buf["step"], np.int64), "lr": np.array(buf["lr"]),
+                    "wall": np.array(buf["wall"]), "train_loss": per_node,
+                    "train_loss_mean": per_node.mean(axis=1),
+                    "compute_seconds": pr[:, :, 0], "comm_seconds": pr[:, :, 1], "bytes_sent": pr[:, :, 2],
+                })
+            for v in buf.values():
+                v.clear()
+
+        for step in range(start, T):
+            c.step = step
+            bytes0, comm0 = c.totals()
+            t0 = time.perf_counter()
+            lr = optim.lr_at(cfg.optimizer, step, T)
+            state, stats = self.algo.step(self.ctx, state, step, lr)
+            loss = b.to_host(stats["loss"]).astype(np.float64)
+            t1 = time.perf_counter()
+            bytes1, comm1 = c.totals()
+            buf["step"].append(step)
+            buf["lr"].append(lr)
+            buf["wall"].append(t1 - t_begin)
+            buf["train_loss"].append(loss)
+            buf["rank"].append([t1 - t0 - (comm1 - comm0), comm1 - comm0, bytes1 - bytes0])
+            steps_done += 1
+            done = step + 1
+            if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < T:
+                last_eval = self.evaluate(state, done)
+                if c.rank == 0:
+                    self.rf.append("eval", last_eval)
+                    best_acc = np.fmax(best_acc, float(last_eval["test_accuracy"][0]))
+            if done % cfg.run.log_every == 0 or done == T:
+                mean_loss = float(c.allreduce_scalars([loss.sum()])[0]) / c.n
+                flush()
+                if c.rank == 0 and cfg.run.progress:
+                    rate = steps_done / max(1e-9, time.perf_counter() - t_begin)
+                    ev = (f" | test acc {float(last_eval['test_accuracy'][0]):.4f}"
+                          if last_eval and "test_accuracy" in last_eval else "")
+                    self.say(f"step {done}/{T} ({100 * done / T:.0f}%) train loss {mean_loss:.4g}{ev} | "
+                             f"{rate:.1f} steps/s | ETA {_fmt_time((T - done) / rate)}")
+            if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0 and done < T:
+                flush()
+                self.checkpoint(state, done)
+            over_budget = cfg.run.max_wall > 0 and time.perf_counter() - t_begin > cfg.run.max_wall
+            if done < T and c.agree(self.stop.signal is not None or over_budget):
+                stop_reason = (f"signal {signal.Signals(self.stop.signal).name}" if self.stop.signal
+                               else ("run.max_wall" if over_budget else "a stop request on another rank"))
+                step = done
+                break
+        else:
+            step = T
+        flush()
+        if stop_reason:
+            self.checkpoint(state, step)
+            if c.rank == 0:
+                self.rf.event(step, "stopped", f"stopped at step {step} by {stop_reason}; checkpoint written")
+            self.say(f"hpcopt: stopped at step {step} by {stop_reason}; checkpoint written; "
+                     f"exit {EXIT_REQUEUE} (resume with --resume)")
+            return EXIT_REQUEUE
+        final = self.evaluate(state, T)
+        wall = time.perf_counter() - t_begin
+        self.checkpoint(state, T)
+        totals = c.gather_ranks(np.array(c.totals()))
+        if c.rank == 0:
+            self.rf.append("eval", final)
+            acc = float(final["test_accuracy"][0])
+            best_acc = float(np.fmax(best_acc, acc)) if acc == acc else acc
+            summary = {
+                "steps": T, "final_test_accuracy": acc, "final_test_loss": float(final["test_loss"][0]),
+                "best_test_accuracy": best_acc, "wall_seconds": wall, "steps_this_session": steps_done,
+                "consensus_distance": float(final["consensus_distance"][0]),
+                "bytes_sent_total": float(totals[:, 0].sum()),
+                "bytes_per_node": float(totals[:, 0].sum() / c.n),
+                "comm_seconds_max_rank": float(totals[:, 1].max()),
+            }
+            self.rf.set_summary(summary)
+            self.rf.event(T, "finished", f"finished {T} steps")
+            self.say(summary_table(cfg, summary, c.size))
+        return 0
+
+
+def summary_table(cfg: Config, s: dict, ranks: int) -> str:
+    acc = s["final_test_accuracy"]
+    rows = [
+        ("method", cfg.algorithm.name.value + (f" ({cfg.topology.name.value})" if cfg.algorithm.name.value == "dsgd" else "")),
+        ("nodes x ranks", f"{cfg.nodes.n} x {ranks}"),
+        ("steps", str(s["steps"])),
+        ("test accuracy (average model)", "n/a" if acc != acc else f"{acc:.4f}"),
+        ("test loss (average model)", f"{s['final_test_loss']:.5g}"),
+        ("consensus distance", f"{s['consensus_distance']:.3g}"),
+        ("wall time", f"{s['wall_seconds']:.1f} s"),
+        ("bytes sent per node", f"{s['bytes_per_node'] / 1e6:.2f} MB"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(["summary"] + [f"  {k:<{w}}  {v}" for k, v in rows])
+
+
+def run_config(cfg: Config, config_text: str, run_dir: Optional[str] = None, resume: bool = False,
+               force: bool = False) -> int:
+    run_dir = run_dir or os.path.join(cfg.run.out, cfg.run.name)
+    return Runner(cfg, config_text, run_dir, resume=resume, force=force).run()
+
+
+def resolved_text(cfg: Config) -> str:
+    return config_mod.to_yaml(cfg)
+

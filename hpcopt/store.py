@@ -1,0 +1,294 @@
+"""HDF5 run files and checkpoints: writing, verifying, resuming, reading for analysis.
+
+Run directory `runs/<name>/`:
+
+run.h5 (rank 0 only)
+  /config            resolved YAML text; attrs: versions, MPI vendor, CUDA-awareness,
+                     ranks, nodes, placement, kernels, git describe
+  /metrics/<name>    one row per step: shapes (rows,), (rows, nodes) or (rows, ranks)
+  /eval/<name>       one row per evaluation
+  /events/{step,kind,message}   resume, stop requests, skipped checkpoints, ...
+  /summary           attrs with the final figures
+  The file is opened, appended to and closed at every flush, so between flushes it is
+  complete and readable (also while the run goes on).
+
+ckpt/step-<N>/rank-<R>.h5 + ckpt/step-<N>/COMPLETE
+  Each rank writes its nodes' rows of every sharded state field (and rank 0 the
+  replicated fields) to a temporary name, fsyncs and renames it. Rank 0 then writes
+  COMPLETE (JSON: step, node ranges, per-shard SHA-256) the same way. Resume takes the
+  newest step whose COMPLETE exists and whose shards match their checksums; shards
+  hold nodes, so a run may resume on a different number of ranks. No pickle anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Dict, List, Optional, Tuple
+
+import h5py
+import numpy as np
+
+RUN_FILE = "run.h5"
+CKPT_DIR = "ckpt"
+
+
+# ---------------------------------------------------------------------------------------
+# small file helpers
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+# ---------------------------------------------------------------------------------------
+# run file
+
+
+class RunFile:
+    """Writer of run.h5 (used on rank 0 only)."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, RUN_FILE)
+
+    def create(self, config_text: str, attrs: Dict[str, object]) -> None:
+        tmp = self.path + ".tmp"
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("config", data=config_text, dtype=h5py.string_dtype())
+            for k, v in attrs.items():
+                ds.attrs[k] = v
+            for g in ("metrics", "eval", "events", "summary"):
+                f.create_group(g)
+        os.replace(tmp, self.path)
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def append(self, group: str, columns: Dict[str, np.ndarray]) -> None:
+        """Append rows to /group/<name>; every column has the same number of rows."""
+        if not columns:
+            return
+        with h5py.File(self.path, "a") as f:
+            g = f.require_group(group)
+            for name, rows in columns.items():
+                rows = np.asarray(rows)
+                if rows.dtype.kind in "OUS":
+                    rows = rows.astype(object)
+                    dtype = h5py.string_dtype()
+                else:
+                    dtype = rows.dtype
+                if name not in g:
+                    chunk = (max(1, min(1024, len(rows) or 1)),) + rows.shape[1:]
+                    g.create_dataset(name, shape=(0,) + rows.shape[1:], maxshape=(None,) + rows.shape[1:],
+                                     dtype=dtype, chunks=chunk)
+                ds = g[name]
+                start = ds.shape[0]
+                ds.resize(start + len(rows), axis=0)
+                ds[start:] = rows
+            f.flush()
+
+    def event(self, step: int, kind: str, message: str) -> None:
+        self.append("events", {"step": np.array([step], np.int64), "kind": np.array([kind], object),
+                               "message": np.array([message], object),
+                               "time": np.array([time.time()])})
+
+    def truncate(self, step: int) -> int:
+        """Drop metric and eval rows with step >= `step` (on resume); returns rows dropped."""
+        dropped = 0
+        with h5py.File(self.path, "a") as f:
+            for group in ("metrics", "eval"):
+                g = f.get(group)
+                if g is None or "step" not in g:
+                    continue
+                keep = int(np.searchsorted(g["step"][()], step, side="left"))
+                dropped += g["step"].shape[0] - keep
+                for name in g:
+                    if g[name].shape[0] > keep:
+                        g[name].resize(keep, axis=0)
+        return dropped
+
+    def set_summary(self, values: Dict[str, object]) -> None:
+        with h5py.File(self.path, "a") as f:
+            g = f.require_group("summary")
+            for k, v in values.items():
+                g.attrs[k] = v
+
+
+def read_run(run_dir: str) -> dict:
+    """Everything in run.h5 as plain Python/NumPy objects (works while it is written)."""
+    path = run_dir if run_dir.endswith(".h5") else os.path.join(run_dir, RUN_FILE)
+    out: dict = {"path": path}
+    with h5py.File(path, "r") as f:
+        cfg = f["config"]
+        text = cfg[()]
+        out["config_text"] = text.decode() if isinstance(text, bytes) else str(text)
+        out["attrs"] = {k: _plain(v) for k, v in cfg.attrs.items()}
+        for group in ("metrics", "eval", "events"):
+            g = f.get(group)
+            out[group] = {k: _plain(g[k][()]) for k in g} if g is not None else {}
+        s = f.get("summary")
+        out["summary"] = {k: _plain(v) for k, v in s.attrs.items()} if s is not None else {}
+    return out
+
+
+def _plain(v):
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray) and v.dtype.kind == "O":
+        return np.array([x.decode() if isinstance(x, bytes) else x for x in v], dtype=object)
+    return v
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints
+
+
+def ckpt_root(run_dir: str) -> str:
+    return os.path.join(run_dir, CKPT_DIR)
+
+
+def step_dir(run_dir: str, step: int) -> str:
+    return os.path.join(ckpt_root(run_dir), f"step-{step:09d}")
+
+
+def write_shard(run_dir: str, step: int, rank: int, lo: int, hi: int,
+                sharded: Dict[str, np.ndarray], replicated: Dict[str, np.ndarray]) -> Tuple[str, str]:
+    """Write this rank's shard atomically; returns (file name, sha256)."""
+    d = step_dir(run_dir, step)
+    os.makedirs(d, exist_ok=True)
+    name = f"rank-{rank:05d}.h5"
+    final = os.path.join(d, name)
+    tmp = f"{final}.tmp"
+    with h5py.File(tmp, "w") as f:
+        f.attrs["step"] = step
+        f.attrs["lo"] = lo
+        f.attrs["hi"] = hi
+        gs = f.create_group("sharded")
+        for k, v in sharded.items():
+            gs.create_dataset(k, data=v)
+        gr = f.create_group("replicated")
+        for k, v in replicated.items():
+            gr.create_dataset(k, data=v)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    fsync_dir(d)
+    return name, sha256(final)
+
+
+def write_complete(run_dir: str, step: int, shards: List[dict], meta: Dict[str, object]) -> None:
+    d = step_dir(run_dir, step)
+    body = {"step": step, "shards": shards, "written": time.time(), **meta}
+    atomic_write_text(os.path.join(d, "COMPLETE"), json.dumps(body, indent=1))
+    fsync_dir(ckpt_root(run_dir))
+
+
+def list_steps(run_dir: str) -> List[int]:
+    root = ckpt_root(run_dir)
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in os.listdir(root):
+        if name.startswith("step-") and name[5:].isdigit():
+            steps.append(int(name[5:]))
+    return sorted(steps)
+
+
+def verify(run_dir: str, step: int) -> Tuple[Optional[dict], str]:
+    """(COMPLETE contents, "") if the checkpoint is whole and intact, else (None, reason)."""
+    d = step_dir(run_dir, step)
+    marker = os.path.join(d, "COMPLETE")
+    if not os.path.exists(marker):
+        return None, f"checkpoint step {step} is incomplete (no COMPLETE marker)"
+    try:
+        with open(marker, "r", encoding="utf-8") as fh:
+            info = json.load(fh)
+    except (OSError, ValueError) as exc:
+        return None, f"checkpoint step {step} has an unreadable COMPLETE marker ({exc})"
+    for shard in info.get("shards", []):
+        path = os.path.join(d, shard["file"])
+        if not os.path.exists(path):
+            return None, f"checkpoint step {step} misses {shard['file']}"
+        if sha256(path) != shard["sha256"]:
+            return None, f"checkpoint step {step}: {shard['file']} does not match its checksum"
+    return info, ""
+
+
+def latest(run_dir: str) -> Tuple[Optional[dict], List[str]]:
+    """Newest intact checkpoint and the reasons newer ones were skipped."""
+    skipped = []
+    for step in reversed(list_steps(run_dir)):
+        info, why = verify(run_dir, step)
+        if info is not None:
+            return info, skipped
+        skipped.append(why)
+    return None, skipped
+
+
+def read_state(run_dir: str, info: dict, lo: int, hi: int, sharded: List[str],
+               replicated: List[str]) -> Dict[str, np.ndarray]:
+    """Rows lo..hi of the sharded fields (from whichever shards hold them) + replicated."""
+    d = step_dir(run_dir, info["step"])
+    out: Dict[str, np.ndarray] = {}
+    parts: Dict[str, list] = {k: [] for k in sharded}
+    for shard in sorted(info["shards"], key=lambda s: s["lo"]):
+        if shard["hi"] <= lo or shard["lo"] >= hi:
+            if shard["rank"] != 0 or not replicated:
+                continue
+        with h5py.File(os.path.join(d, shard["file"]), "r") as f:
+            a, b = max(lo, shard["lo"]), min(hi, shard["hi"])
+            if a < b:
+                for k in sharded:
+                    parts[k].append(f["sharded"][k][a - shard["lo"]: b - shard["lo"]])
+            if shard["rank"] == 0:
+                for k in replicated:
+                    out[k] = f["replicated"][k][()]
+    for k in sharded:
+        out[k] = np.concatenate(parts[k], axis=0)
+        if out[k].shape[0] != hi - lo:
+            raise ValueError(f"checkpoint step {info['step']} does not cover nodes {lo}..{hi - 1}")
+    return out
+
+
+def prune(run_dir: str, keep: int) -> List[int]:
+    """Remove all but the newest `keep` complete checkpoints (and older incomplete ones)."""
+    steps = list_steps(run_dir)
+    complete = [s for s in steps if os.path.exists(os.path.join(step_dir(run_dir, s), "COMPLETE"))]
+    keep_set = set(complete[-keep:])
+    newest = complete[-1] if complete else -1
+    removed = []
+    for s in steps:
+        if s in keep_set or s > newest:
+            continue
+        shutil.rmtree(step_dir(run_dir, s), ignore_errors=True)
+        removed.append(s)
+    return removed
