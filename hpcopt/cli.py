@@ -123,15 +123,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _finalize_mpi() -> None:
+    """End MPI cleanly on an exit that every rank reached together (config error, requeue).
+
+    Under `python -m mpi4py` a non-zero exit status otherwise turns into MPI_Abort, which
+    adds launcher noise to the one-line message.
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from .backend import BackendError
     from .config import ConfigError
     from .kernels import KernelError
     try:
-        return args.func(args)
+        code = args.func(args)
+        if code:
+            _finalize_mpi()
+        return code
     except (ConfigError, BackendError, KernelError) as exc:
-        return _fail(str(exc))
+        code = _fail(str(exc))
+        _finalize_mpi()
+        return code
     except KeyboardInterrupt:
         return 130
     except Exception:  # noqa: BLE001 -- last resort: make every rank stop, not hang

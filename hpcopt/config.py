@@ -111,7 +111,7 @@ def _f(default: Any, help: str, **rules: Any) -> Any:
 
 @dataclass(frozen=True)
 class RunCfg:
-    name: str = _f("", "run name; the run directory is <out>/<name> (default: config file stem)")
+    name: str = _f("", "run name; the run directory is OUT/NAME (default: the config file stem)")
     out: str = _f("runs", "parent directory of run directories")
     steps: int = _f(1000, "number of optimization steps", gt=0)
     seed: int = _f(0, "seed of every random stream (keyed by seed, node, step)", ge=0)
@@ -120,6 +120,7 @@ class RunCfg:
     checkpoint_every: int = _f(0, "write a checkpoint every this many steps (0: only at the end and on stop)", ge=0)
     keep_checkpoints: int = _f(2, "how many complete checkpoints to keep", ge=1)
     max_wall: float = _f(0.0, "wall-clock budget in seconds; on expiry checkpoint and exit 75 (0: none)", ge=0)
+    stop_after: int = _f(0, "stop like on a signal (checkpoint, exit 75) after this many steps of this session (0: off)", ge=0)
     progress: bool = _f(True, "print a progress line with ETA on rank 0")
 
 
@@ -324,8 +325,6 @@ def validate(cfg: Config) -> None:
         raise _bad("data.path", cfg.data.path, f"data.dataset {cfg.data.dataset.value} needs a file path")
     if cfg.data.dataset is Dataset.quadratic and cfg.model.name not in (Model.auto, Model.quadratic):
         raise _bad("model.name", cfg.model.name.value, "quadratic data go with model auto or quadratic")
-    if cfg.model.name is Model.quadratic and cfg.data.dataset is not Dataset.quadratic:
-        raise _bad("model.name", "quadratic", "the quadratic model needs data.dataset: quadratic")
     if any(h <= 0 for h in cfg.model.hidden):
         raise _bad("model.hidden", list(cfg.model.hidden), "widths must be > 0")
     ms = cfg.optimizer.milestones

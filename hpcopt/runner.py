@@ -303,15 +303,18 @@ class Runner:
             if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0 and done < T:
                 flush()
                 self.checkpoint(state, done)
-            over_budget = cfg.run.max_wall > 0 and time.perf_counter() - t_begin > cfg.run.max_wall
+            over_budget = ((cfg.run.max_wall > 0 and time.perf_counter() - t_begin > cfg.run.max_wall)
+                           or (cfg.run.stop_after > 0 and steps_done >= cfg.run.stop_after))
             if done < T and c.agree(self.stop.signal is not None or over_budget):
                 stop_reason = (f"signal {signal.Signals(self.stop.signal).name}" if self.stop.signal
-                               else ("run.max_wall" if over_budget else "a stop request on another rank"))
+                               else ("run.max_wall / run.stop_after" if over_budget
+                                     else "a stop request on another rank"))
                 step = done
                 break
         else:
             step = T
         flush()
+        self.state = state
         if stop_reason:
             self.checkpoint(state, step)
             if c.rank == 0:

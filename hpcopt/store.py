@@ -5,7 +5,8 @@ Run directory `runs/<name>/`:
 run.h5 (rank 0 only)
   /config            resolved YAML text; attrs: versions, MPI vendor, CUDA-awareness,
                      ranks, nodes, placement, kernels, git describe
-  /metrics/<name>    one row per step: shapes (rows,), (rows, nodes) or (rows, ranks)
+  /metrics/<name>    one row per step: shapes (rows,), (rows, nodes) or (rows, ranks);
+                     after a resume on more ranks the per-rank columns widen (NaN-padded)
   /eval/<name>       one row per evaluation
   /events/{step,kind,message}   resume, stop requests, skipped checkpoints, ...
   /summary           attrs with the final figures
@@ -107,10 +108,21 @@ class RunFile:
                 else:
                     dtype = rows.dtype
                 if name not in g:
+                    # 2-D columns may widen later: a run resumed on more ranks adds
+                    # per-rank columns; missing cells read as NaN
+                    maxshape = (None,) + (None,) * (rows.ndim - 1)
                     chunk = (max(1, min(1024, len(rows) or 1)),) + rows.shape[1:]
-                    g.create_dataset(name, shape=(0,) + rows.shape[1:], maxshape=(None,) + rows.shape[1:],
-                                     dtype=dtype, chunks=chunk)
+                    fill = {"fillvalue": np.nan} if rows.dtype.kind == "f" else {}
+                    g.create_dataset(name, shape=(0,) + rows.shape[1:], maxshape=maxshape,
+                                     dtype=dtype, chunks=tuple(max(1, c) for c in chunk), **fill)
                 ds = g[name]
+                if rows.ndim == 2 and rows.shape[1] != ds.shape[1]:
+                    if rows.shape[1] > ds.shape[1]:
+                        ds.resize(rows.shape[1], axis=1)
+                    else:
+                        wide = np.full((len(rows), ds.shape[1]), np.nan)
+                        wide[:, :rows.shape[1]] = rows
+                        rows = wide
                 start = ds.shape[0]
                 ds.resize(start + len(rows), axis=0)
                 ds[start:] = rows
