@@ -16,8 +16,8 @@ extra node). A rank holds its nodes' rows as one `(local_n, d)` array; `mix`, `m
 * Device buffers: with a CUDA-aware MPI (detected once, lazily; overridable) device
   arrays go to MPI directly after the producing stream is synchronised; otherwise they
   are staged through pinned host buffers.
-* Waits are polite (test, then sleep with a short back-off) so oversubscribed CPU ranks
-  leave the cores to each other, and a wait longer than `timeout` seconds aborts the
+* Waits are polite (test and yield the core for a few milliseconds, then test and sleep
+  with a back-off) so oversubscribed CPU ranks leave the cores to each other, and a wait longer than `timeout` seconds aborts the
   whole job with a message naming the operation, the step and the peer.
 * Every operation counts calls, bytes sent and seconds (`counters`).
 """
@@ -104,7 +104,7 @@ class Comm:
 
     def __init__(self, n_nodes: int, *, backend: Optional[backend_mod.Backend] = None,
                  kernels: Optional[Kernels] = None, timeout: float = 300.0, poll: float = 2e-4,
-                 cuda_aware: str = "auto", mpi_comm: Any = None):
+                 spin: float = 0.01, cuda_aware: str = "auto", mpi_comm: Any = None):
         from mpi4py import MPI
         self.MPI = MPI
         self.comm = (mpi_comm if mpi_comm is not None else MPI.COMM_WORLD).Dup()
@@ -118,7 +118,7 @@ class Comm:
         shared.Free()
         self.backend = backend or backend_mod.cpu()
         self.kernels = kernels or Kernels(on_gpu=self.backend.on_gpu, mode="numpy")
-        self.timeout, self.poll = float(timeout), float(poll)
+        self.timeout, self.poll, self.spin = float(timeout), float(poll), float(spin)
         self.cuda_aware_setting = cuda_aware
         self._cuda_aware: Optional[bool] = None
         self.cuda_aware_reason = "not needed: host arrays"
@@ -161,16 +161,26 @@ class Comm:
         raise CommTimeout(msg)  # only reached with a fake communicator in tests
 
     def wait(self, requests: List[Any], op: str, peers: Sequence[int] = ()) -> None:
-        """Complete all requests politely: test, then sleep with back-off up to `poll`."""
+        """Complete all requests politely.
+
+        For the first `spin` seconds the rank tests and yields its core (sched_yield), so
+        a peer sharing the core runs at once and shared-memory transfers, which need both
+        ends to make progress, keep moving. After that it tests and sleeps with a back-off
+        up to `poll` seconds, so a rank waiting for a straggler uses almost no CPU.
+        """
         if not requests:
             return
         MPI = self.MPI
         if MPI.Request.Testall(requests):
             return
         t0 = time.perf_counter()
-        nap = 2e-6
+        nap = 1e-5
         while not MPI.Request.Testall(requests):
-            if time.perf_counter() - t0 > self.timeout:
+            waited = time.perf_counter() - t0
+            if waited < self.spin:
+                os.sched_yield()
+                continue
+            if waited > self.timeout:
                 pending = [p for r, p in zip(requests, peers) if not r.Test()] if peers else []
                 self._abort(op, pending)
             time.sleep(nap)
@@ -309,9 +319,10 @@ class Comm:
     # ---------------------------------------------------------------------------------
     # collectives
 
-    def _reduce(self, a, op: str, name: str):
+    def _reduce(self, a, op: str, name: str, out=None):
         mpi_op = {"sum": self.MPI.SUM, "max": self.MPI.MAX, "min": self.MPI.MIN}[op]
-        out = self.backend.xp.empty_like(a) if self.backend.is_device_array(a) else np.empty_like(a)
+        if out is None:
+            out = self.backend.xp.empty_like(a) if self.backend.is_device_array(a) else np.empty_like(a)
         if self.size == 1:
             out[...] = a
             return out
@@ -322,18 +333,18 @@ class Comm:
             cb()
         return out
 
-    def allreduce(self, a, op: str = "sum", name: str = "allreduce"):
+    def allreduce(self, a, op: str = "sum", name: str = "allreduce", out=None):
         """Element-wise reduction (sum, max, min) of a host or device array over ranks."""
         t0 = time.perf_counter()
-        out = self._reduce(a, op, name)
+        out = self._reduce(a, op, name, out)
         self._count(name, a.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
         return out
 
-    def mean(self, X):
-        """Average of all n nodes' rows: shape (d,), a new array."""
+    def mean(self, X, out=None):
+        """Average of all n nodes' rows: shape (d,), written to `out` or a new array."""
         t0 = time.perf_counter()
         local = X[0] if self.local_n == 1 else X.sum(axis=0)
-        total = self._reduce(local, "sum", "mean")
+        total = self._reduce(local, "sum", "mean", out)
         total *= np.float32(1.0 / self.n)
         self._count("mean", local.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
         return total

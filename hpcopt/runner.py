@@ -90,7 +90,7 @@ class Runner:
         if size > n:
             raise ConfigError(f"nodes.n = {n} is not allowed: the job has {size} ranks and every rank "
                               f"needs at least one node (use nodes.n >= {size} or fewer ranks)")
-        self.comm = comm = Comm(n, timeout=cfg.comm.timeout, poll=cfg.comm.poll,
+        self.comm = comm = Comm(n, timeout=cfg.comm.timeout, poll=cfg.comm.poll, spin=cfg.comm.spin,
                                 cuda_aware=cfg.device.cuda_aware.value)
         self.backend = select_backend(cfg.device.kind.value, comm.local_rank)
         self.kernels = Kernels(on_gpu=self.backend.on_gpu, mode=cfg.device.kernels.value,

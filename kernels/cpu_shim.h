@@ -31,15 +31,15 @@ static const hpcopt_dim3 gridDim = {1u, 1u, 1u};
     _Pragma("omp parallel for simd schedule(static)") \
     for (long long i = 0; i < (long long)(n); ++i)
 
-// Row x column loop: threads share out (row, column-block) tiles in contiguous runs;
-// inside a tile the column loop is vectorised across lanes.
-#define HPCOPT_TILE 2048
-#define HPCOPT_LOOP2(r, c, R, C) \
+// Row x column-tile loop: threads share out (row, tile) pieces in contiguous runs; a
+// tile is up to HPCOPT_TILE columns, processed by plain (vectorised) inner loops.
+#define HPCOPT_TILE 1024
+#define HPCOPT_TILES(r, c0, n, R, C) \
     _Pragma("omp parallel for collapse(2) schedule(static)") \
     for (long long r = 0; r < (long long)(R); ++r) \
-    for (long long c##_tile = 0; c##_tile < (long long)(C); c##_tile += HPCOPT_TILE) \
-    _Pragma("omp simd") \
-    for (long long c = c##_tile; c < ((c##_tile + HPCOPT_TILE < (long long)(C)) ? c##_tile + HPCOPT_TILE : (long long)(C)); ++c)
+    for (long long c0 = 0; c0 < (long long)(C); c0 += HPCOPT_TILE) \
+    for (long long n = ((long long)(C) - c0 < HPCOPT_TILE ? (long long)(C) - c0 : HPCOPT_TILE), _once = 1; \
+         _once; _once = 0)
 
 extern "C" void hpcopt_set_threads(int n) { if (n > 0) omp_set_num_threads(n); }
 extern "C" int hpcopt_get_threads(void) { return omp_get_max_threads(); }

@@ -6,12 +6,16 @@
 // nodes); j >= n_local is row j - n_local of `remote` (rows received from peer ranks), so
 // received rows never have to be copied next to the local ones. Terms are added in CSR
 // order, starting from 0, in float32.
+//
+// The work is cut into (row, column tile) pieces: on the GPU a tile is one element per
+// thread (HPCOPT_TILE = 1, so `acc` is a register); on the CPU a tile is a run of columns
+// whose accumulators stay in L1 while each neighbour row streams through once.
 #ifndef HPCOPT_CPU_SHIM
-#define HPCOPT_LOOP2(r, c, R, C) \
-    for (long long _i = (long long)blockIdx.x * blockDim.x + threadIdx.x, \
-                   r = (C) ? _i / (long long)(C) : 0, c = (C) ? _i % (long long)(C) : 0; \
-         _i < (long long)(R) * (long long)(C); \
-         _i += (long long)blockDim.x * gridDim.x, r = _i / (long long)(C), c = _i % (long long)(C))
+#define HPCOPT_TILE 1
+#define HPCOPT_TILES(r, c0, n, R, C) \
+    for (long long _i = (long long)blockIdx.x * blockDim.x + threadIdx.x; \
+         _i < (long long)(R) * (long long)(C); _i += (long long)blockDim.x * gridDim.x) \
+    for (long long r = _i / (long long)(C), c0 = _i % (long long)(C), n = 1, _once = 1; _once; _once = 0)
 #endif
 
 extern "C" __global__ void mix_rows(float* __restrict__ out, const float* __restrict__ local,
@@ -20,13 +24,16 @@ extern "C" __global__ void mix_rows(float* __restrict__ out, const float* __rest
                                     const long long* __restrict__ indices,
                                     const float* __restrict__ weights, long long rows,
                                     long long d) {
-    HPCOPT_LOOP2(r, c, rows, d) {
-        float acc = 0.0f;
+    HPCOPT_TILES(r, c0, n, rows, d) {
+        float acc[HPCOPT_TILE];
+        for (long long t = 0; t < n; ++t) acc[t] = 0.0f;
         for (long long k = indptr[r]; k < indptr[r + 1]; ++k) {
-            long long j = indices[k];
-            const float* src = (j < n_local) ? local + j * d : remote + (j - n_local) * d;
-            acc = acc + weights[k] * src[c];
+            const long long j = indices[k];
+            const float w = weights[k];
+            const float* __restrict__ src = ((j < n_local) ? local + j * d : remote + (j - n_local) * d) + c0;
+            for (long long t = 0; t < n; ++t) acc[t] = acc[t] + w * src[t];
         }
-        out[r * d + c] = acc;
+        float* __restrict__ dst = out + r * d + c0;
+        for (long long t = 0; t < n; ++t) dst[t] = acc[t];
     }
 }
