@@ -93,6 +93,17 @@ def cmd_topology(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from . import config
+    if args.reference:
+        print(config.reference_markdown(), end="")
+        return 0
+    path = args.config if os.path.exists(args.config) else (builtin_config(args.config) or args.config)
+    cfg = config.load(path, args.set or [])
+    print(config.to_yaml(cfg), end="")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpcopt", description="Distributed and decentralized SGD over MPI.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,6 +120,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--per-rank", action="store_true", help="compute / comm seconds and bytes per rank")
     a.add_argument("--csv", help="also write the table to this CSV file")
     a.set_defaults(func=cmd_analyse)
+    c = sub.add_parser("config", help="print a config with every default filled in, or the key reference")
+    c.add_argument("config", nargs="?", default="quickstart", help="YAML file or bundled config name")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c.add_argument("--reference", action="store_true", help="the table of every key (Markdown)")
+    c.set_defaults(func=cmd_config)
     t = sub.add_parser("topology", help="degree, spectral gap and weights of a graph")
     t.add_argument("name", choices=["ring", "torus", "exponential", "one_peer_exponential", "complete", "star",
                                     "hypercube", "erdos_renyi", "edgelist"])

@@ -432,3 +432,10 @@ def reference(cls: type = Config, prefix: str = "") -> typing.List[Tuple[str, st
         rows.append((key, tname, _show(to_dict(default)), f.metadata.get("help", "")))
     return rows
 
+
+
+def reference_markdown() -> str:
+    """The README's config table (README.md embeds exactly this text)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{k}` | {t} | `{d}` | {h} |" for k, t, d, h in reference()]
+    return "\n".join(lines) + "\n"

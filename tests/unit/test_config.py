@@ -62,3 +62,4 @@ def test_readme_documents_every_key():
     readme = (REPO / "README.md").read_text()
     missing = [key for key, *_ in config.reference() if not re.search(r"`" + re.escape(key) + r"`", readme)]
     assert not missing, f"README lacks config keys: {missing}"
+    assert config.reference_markdown() in readme, "README table is stale: paste `hpcopt config --reference`"
