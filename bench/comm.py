@@ -61,24 +61,24 @@ def main() -> None:
     threads = max(1, (len(os.sched_getaffinity(0)) // size))
     comm = Comm(size, kernels=Kernels(mode="auto", threads=threads), timeout=600)
     W = topology.build("ring", size).mixing_matrix(0)
-    left, right = (rank - 1) % size, (rank + 1) % size
-    w_self, w_left, w_right = (np.float32(W[rank, rank]), np.float32(W[rank, left]), np.float32(W[rank, right]))
+    peers = sorted({(rank - 1) % size, (rank + 1) % size} - {rank})
+    w_self = np.float32(W[rank, rank])
+    w_peer = [np.float32(W[rank, q]) for q in peers]
     rows = []
     for d in (10**3, 10**4, 10**5, 10**6, 10**7):
         reps = max(5, args.reps // (10 if d >= 10**7 else 1))
         X = np.random.default_rng(rank).standard_normal((1, d)).astype(np.float32)
-        bl, br, out = np.empty(d, np.float32), np.empty(d, np.float32), np.empty(d, np.float32)
-        tmp = np.empty(d, np.float32)
+        bufs = [np.empty(d, np.float32) for _ in peers]
+        out, tmp = np.empty(d, np.float32), np.empty(d, np.float32)
 
         def baseline_mix():
-            reqs = [world.Irecv(bl, source=left, tag=1), world.Irecv(br, source=right, tag=2),
-                    world.Isend(X[0], dest=right, tag=1), world.Isend(X[0], dest=left, tag=2)]
+            reqs = [world.Irecv(b, source=q, tag=0) for b, q in zip(bufs, peers)]
+            reqs += [world.Isend(X[0], dest=q, tag=0) for q in peers]
             MPI.Request.Waitall(reqs)
             np.multiply(X[0], w_self, out=out)
-            np.multiply(bl, w_left, out=tmp)
-            np.add(out, tmp, out=out)
-            np.multiply(br, w_right, out=tmp)
-            np.add(out, tmp, out=out)
+            for b, w in zip(bufs, w_peer):
+                np.multiply(b, w, out=tmp)
+                np.add(out, tmp, out=out)
 
         mixed = np.empty_like(X)
         ours_mix = lambda: comm.mix(X, W, out=mixed)  # noqa: E731

@@ -112,7 +112,7 @@ class Runner:
         self.w_test = xp.full((1, len(ds.X_test)), 1.0 / max(1, len(ds.X_test)), dtype=np.float32)
         self.algo = algorithms.get(cfg.algorithm.name.value)
         self.ctx = algorithms.Context(cfg, comm, self.backend, self.kernels, self.model, self.node_data,
-                                      self.topology)
+                                      self.topology, {})
 
     def attrs(self) -> Dict[str, object]:
         from mpi4py import MPI

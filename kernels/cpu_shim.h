@@ -41,6 +41,11 @@ static const hpcopt_dim3 gridDim = {1u, 1u, 1u};
     for (long long n = ((long long)(C) - c0 < HPCOPT_TILE ? (long long)(C) - c0 : HPCOPT_TILE), _once = 1; \
          _once; _once = 0)
 
+// Tile accumulator: on the CPU the tile of the output itself (it stays in L1 while the
+// neighbour rows stream through), so no separate store pass is needed.
+#define HPCOPT_ACCUMULATOR(acc, dst) float* __restrict__ acc = (dst)
+#define HPCOPT_ACCUMULATOR_STORE(dst, acc, n)
+
 extern "C" void hpcopt_set_threads(int n) { if (n > 0) omp_set_num_threads(n); }
 extern "C" int hpcopt_get_threads(void) { return omp_get_max_threads(); }
 

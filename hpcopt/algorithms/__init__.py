@@ -27,6 +27,7 @@ class Context(NamedTuple):
     model: Any
     data: Any  # data.NodeData
     topology: Any  # topology.Topology or None
+    workspace: dict  # scratch buffers an algorithm reuses across steps (never checkpointed)
 
 
 def get(name: str):
