@@ -47,13 +47,14 @@ def run_row(run: dict) -> dict:
     return {
         "run": os.path.basename(os.path.dirname(os.path.abspath(run["path"]))),
         "method": algo, "nodes": nodes, "ranks": int(attrs.get("ranks", 0)),
-        "steps": f"{done}/{steps_total}" if not s else str(s.get("steps", done)),
+        "steps": (f"{done}/{steps_total}" if not s or s.get("diverged") else str(s.get("steps", done)))
+                 + (" diverged" if s.get("diverged") else ""),
         "final_acc": _last(e.get("test_accuracy")), "best_acc": _best(e.get("test_accuracy")),
         "final_loss": _last(e.get("test_loss")), "best_loss": _best(e.get("test_loss"), "min"),
         "wall_s": float(s["wall_seconds"]) if "wall_seconds" in s else _last(m.get("wall")),
         "MB_per_node": float(bytes_sent.sum()) / max(1, nodes) / 1e6,
         "comm_share": float(comm_s.sum() / total_s) if total_s > 0 else float("nan"),
-        "status": "finished" if s else "running or stopped",
+        "status": ("diverged" if s.get("diverged") else "finished") if s else "running or stopped",
     }
 
 

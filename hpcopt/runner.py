@@ -27,6 +27,50 @@ from .kernels import Kernels
 EXIT_REQUEUE = 75
 
 
+class Faults:
+    """Fault injection for the fault tests, from the environment variable HPCOPT_FAULT.
+
+    "kind@step:rank[:seconds]" with kind one of
+      kill           SIGKILL this rank at the start of `step`;
+      kill-shard     SIGKILL this rank while it writes its checkpoint shard for `step`
+                     (the temporary file exists, the rename has not happened);
+      kill-complete  SIGKILL rank 0 after every shard of `step` is written, before COMPLETE;
+      sleep          stop answering: sleep `seconds` at the start of `step`.
+    Unset (the normal case), nothing happens.
+    """
+
+    def __init__(self, spec: str = ""):
+        self.kind, self.step, self.rank, self.seconds = "", -1, -1, 0.0
+        if spec:
+            try:
+                kind, rest = spec.split("@", 1)
+                parts = rest.split(":")
+                self.kind, self.step, self.rank = kind, int(parts[0]), int(parts[1])
+                self.seconds = float(parts[2]) if len(parts) > 2 else 0.0
+            except (ValueError, IndexError):
+                raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: expected KIND@STEP:RANK[:SECONDS]") from None
+            if kind not in ("kill", "kill-shard", "kill-complete", "sleep"):
+                raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: kinds are kill, kill-shard, "
+                                  f"kill-complete, sleep")
+
+    def _hit(self, kind: str, step: int, rank: int) -> bool:
+        return self.kind == kind and self.step == step and self.rank == rank
+
+    def at_step(self, step: int, rank: int) -> None:
+        if self._hit("kill", step, rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._hit("sleep", step, rank):
+            time.sleep(self.seconds)
+
+    def in_shard(self, step: int, rank: int) -> None:
+        if self._hit("kill-shard", step, rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def before_complete(self, step: int) -> None:
+        if self._hit("kill-complete", step, 0):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class StopFlag:
     """Set by SIGTERM / SIGUSR1; read at step boundaries (handlers do nothing else)."""
 
@@ -76,6 +120,7 @@ class Runner:
         self.force = force
         self.out = out
         self.stop = StopFlag()
+        self.faults = Faults(os.environ.get("HPCOPT_FAULT", ""))
 
     # ---------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -154,6 +199,13 @@ class Runner:
         info, skipped = c.bcast((info, skipped))
         self.rf = store.RunFile(self.run_dir) if c.rank == 0 else None
         if c.rank == 0:
+            if self.rf.exists() and not store.readable(self.rf.path):
+                restored = store.restore_run_file(self.run_dir)
+                why = ("run.h5 was unreadable (a crash during a metrics flush); restored the copy taken at "
+                       "the last checkpoint" if restored else "run.h5 was unreadable and had no backup; started anew")
+                self.say(f"hpcopt: {why}")
+                if not restored:
+                    os.remove(self.rf.path)
             if not self.rf.exists():
                 self.rf.create(self.config_text, self.attrs())
             for why in skipped:
@@ -176,7 +228,8 @@ class Runner:
         replicated = ({k: self.backend.to_host(getattr(state, k)) for k in names if k not in self.algo.SHARDED}
                       if c.rank == 0 else {})
         try:
-            name, digest = store.write_shard(self.run_dir, step, c.rank, c.lo, c.hi, sharded, replicated)
+            name, digest = store.write_shard(self.run_dir, step, c.rank, c.lo, c.hi, sharded, replicated,
+                                             before_rename=lambda: self.faults.in_shard(step, c.rank))
             mine = {"rank": c.rank, "file": name, "sha256": digest, "lo": c.lo, "hi": c.hi}
         except OSError as exc:
             mine = {"rank": c.rank, "error": str(exc)}
@@ -187,8 +240,10 @@ class Runner:
                 self.say(f"hpcopt: checkpoint at step {step} failed: {errors[0]}")
                 self.rf.event(step, "checkpoint_failed", errors[0])
             else:
+                self.faults.before_complete(step)
                 store.write_complete(self.run_dir, step, shards,
                                      {"ranks": c.size, "nodes": c.n, "algorithm": self.cfg.algorithm.name.value})
+                store.backup_run_file(self.run_dir)
                 store.prune(self.run_dir, self.cfg.run.keep_checkpoints)
         c.barrier()
 
@@ -270,8 +325,11 @@ class Runner:
             for v in buf.values():
                 v.clear()
 
+        first_loss: Optional[np.ndarray] = None
+        diverged = ""
         for step in range(start, T):
             c.step = step
+            self.faults.at_step(step, c.rank)
             bytes0, comm0 = c.totals()
             t0 = time.perf_counter()
             lr = optim.lr_at(cfg.optimizer, step, T)
@@ -286,6 +344,18 @@ class Runner:
             buf["rank"].append([t1 - t0 - (comm1 - comm0), comm1 - comm0, bytes1 - bytes0])
             steps_done += 1
             done = step + 1
+            if first_loss is None:
+                first_loss = loss.copy()
+            bad = not np.all(np.isfinite(loss)) or (
+                cfg.run.divergence_factor > 0 and np.any(loss > cfg.run.divergence_factor * np.abs(first_loss)))
+            over_budget = ((cfg.run.max_wall > 0 and time.perf_counter() - t_begin > cfg.run.max_wall)
+                           or (cfg.run.stop_after > 0 and steps_done >= cfg.run.stop_after))
+            want_stop = self.stop.signal is not None or over_budget
+            flags = c.allreduce_scalars([float(want_stop), float(bad)], op="max")
+            if flags[1]:
+                diverged = f"a training loss became non-finite at step {step}" + (
+                    f" or exceeded {cfg.run.divergence_factor:g} x its first value" if cfg.run.divergence_factor else "")
+                break
             if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < T:
                 last_eval = self.evaluate(state, done)
                 if c.rank == 0:
@@ -303,9 +373,7 @@ class Runner:
             if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0 and done < T:
                 flush()
                 self.checkpoint(state, done)
-            over_budget = ((cfg.run.max_wall > 0 and time.perf_counter() - t_begin > cfg.run.max_wall)
-                           or (cfg.run.stop_after > 0 and steps_done >= cfg.run.stop_after))
-            if done < T and c.agree(self.stop.signal is not None or over_budget):
+            if done < T and flags[0]:
                 stop_reason = (f"signal {signal.Signals(self.stop.signal).name}" if self.stop.signal
                                else ("run.max_wall / run.stop_after" if over_budget
                                      else "a stop request on another rank"))
@@ -315,6 +383,14 @@ class Runner:
             step = T
         flush()
         self.state = state
+        if diverged:
+            if c.rank == 0:
+                self.rf.event(step, "diverged", diverged)
+                self.rf.set_summary({"steps": T, "diverged": 1, "diverged_at_step": step,
+                                     "wall_seconds": time.perf_counter() - t_begin,
+                                     "steps_this_session": steps_done})
+            self.say(f"hpcopt: diverged: {diverged}; run stopped (recorded in run.h5, no checkpoint written)")
+            return 0
         if stop_reason:
             self.checkpoint(state, step)
             if c.rank == 0:

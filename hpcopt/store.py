@@ -11,7 +11,9 @@ run.h5 (rank 0 only)
   /events/{step,kind,message}   resume, stop requests, skipped checkpoints, ...
   /summary           attrs with the final figures
   The file is opened, appended to and closed at every flush, so between flushes it is
-  complete and readable (also while the run goes on).
+  complete and readable (also while the run goes on). A copy, run.h5.bak, is taken at
+  every checkpoint; should a crash hit the middle of a flush, resume and readers fall
+  back to it.
 
 ckpt/step-<N>/rank-<R>.h5 + ckpt/step-<N>/COMPLETE
   Each rank writes its nodes' rows of every sharded state field (and rank 0 the
@@ -83,7 +85,7 @@ class RunFile:
 
     def create(self, config_text: str, attrs: Dict[str, object]) -> None:
         tmp = self.path + ".tmp"
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", locking=False) as f:
             ds = f.create_dataset("config", data=config_text, dtype=h5py.string_dtype())
             for k, v in attrs.items():
                 ds.attrs[k] = v
@@ -98,7 +100,7 @@ class RunFile:
         """Append rows to /group/<name>; every column has the same number of rows."""
         if not columns:
             return
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=False) as f:
             g = f.require_group(group)
             for name, rows in columns.items():
                 rows = np.asarray(rows)
@@ -136,7 +138,7 @@ class RunFile:
     def truncate(self, step: int) -> int:
         """Drop metric and eval rows with step >= `step` (on resume); returns rows dropped."""
         dropped = 0
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=False) as f:
             for group in ("metrics", "eval"):
                 g = f.get(group)
                 if g is None or "step" not in g:
@@ -149,17 +151,66 @@ class RunFile:
         return dropped
 
     def set_summary(self, values: Dict[str, object]) -> None:
-        with h5py.File(self.path, "a") as f:
+        with h5py.File(self.path, "a", locking=False) as f:
             g = f.require_group("summary")
             for k, v in values.items():
                 g.attrs[k] = v
 
 
+def readable(path: str) -> bool:
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            f["config"].attrs.keys()
+        return True
+    except (OSError, KeyError):
+        return False
+
+
+def backup_run_file(run_dir: str) -> None:
+    """Copy run.h5 to run.h5.bak atomically (taken at every checkpoint)."""
+    src = os.path.join(run_dir, RUN_FILE)
+    tmp = src + ".bak.tmp"
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, src + ".bak")
+    fsync_dir(run_dir)
+
+
+def restore_run_file(run_dir: str) -> bool:
+    """Replace an unreadable run.h5 by its last backup; False if there is none."""
+    src = os.path.join(run_dir, RUN_FILE)
+    if not readable(src + ".bak"):
+        return False
+    shutil.copyfile(src + ".bak", src + ".tmp")
+    os.replace(src + ".tmp", src)
+    RunFile(run_dir).event(-1, "restored", "run.h5 was unreadable; restored from run.h5.bak")
+    return True
+
+
 def read_run(run_dir: str) -> dict:
-    """Everything in run.h5 as plain Python/NumPy objects (works while it is written)."""
+    """Everything in run.h5 as plain Python/NumPy objects (works while it is written).
+
+    If run.h5 cannot be read (a crash in the middle of a flush), the copy taken at the
+    last checkpoint (run.h5.bak) is read instead and `out["from_backup"]` is True.
+    """
     path = run_dir if run_dir.endswith(".h5") else os.path.join(run_dir, RUN_FILE)
-    out: dict = {"path": path}
-    with h5py.File(path, "r") as f:
+    out: dict = {"path": path, "from_backup": False}
+    if not readable(path) and readable(path + ".bak"):
+        path, out["from_backup"] = path + ".bak", True
+    for attempt in range(5):  # the writer may be in the middle of a flush
+        try:
+            return _read(path, out)
+        except (OSError, KeyError):
+            if attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return out
+
+
+def _read(path: str, out: dict) -> dict:
+    # no HDF5 file lock: the run's writer (rank 0) must never be blocked by a reader
+    with h5py.File(path, "r", locking=False) as f:
         cfg = f["config"]
         text = cfg[()]
         out["config_text"] = text.decode() if isinstance(text, bytes) else str(text)
@@ -193,8 +244,12 @@ def step_dir(run_dir: str, step: int) -> str:
 
 
 def write_shard(run_dir: str, step: int, rank: int, lo: int, hi: int,
-                sharded: Dict[str, np.ndarray], replicated: Dict[str, np.ndarray]) -> Tuple[str, str]:
-    """Write this rank's shard atomically; returns (file name, sha256)."""
+                sharded: Dict[str, np.ndarray], replicated: Dict[str, np.ndarray],
+                before_rename=None) -> Tuple[str, str]:
+    """Write this rank's shard atomically; returns (file name, sha256).
+
+    `before_rename` (tests only) runs when the temporary file is written, before the rename.
+    """
     d = step_dir(run_dir, step)
     os.makedirs(d, exist_ok=True)
     name = f"rank-{rank:05d}.h5"
@@ -210,6 +265,8 @@ def write_shard(run_dir: str, step: int, rank: int, lo: int, hi: int,
         gr = f.create_group("replicated")
         for k, v in replicated.items():
             gr.create_dataset(k, data=v)
+    if before_rename is not None:
+        before_rename()
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, final)
