@@ -47,25 +47,25 @@ def test_cpu_sbatch_runs_to_the_end(tmp_path):
 
 def test_sweep_runs_each_line_in_its_own_directory(tmp_path):
     lines = tmp_path / "sweep.txt"
-    lines.write_text("# lr sweep\noptimizer.lr=0.1\n\noptimizer.lr=0.2 topology.name=torus\n"
-                     "optimizer.lr=0.3 run.seed=$(touch${IFS}pwned)\n")
-    for task in range(3):
+    lines.write_text("# lr sweep\noptimizer.lr=0.1\n\noptimizer.lr=0.2 topology.name=torus\noptimizer.lr=0.3\n"
+                     "optimizer.lr=0.4 run.seed=$(touch${IFS}pwned)\n")
+    for task in range(4):
         proc = subprocess.run(["bash", str(JOBS / "sweep.sbatch"), str(QUICK), str(lines), "--set", "run.steps=20",
                                "--set", f"run.out={tmp_path / 'runs'}"], cwd=tmp_path,
                               env=job_env(tmp_path, SLURM_ARRAY_TASK_ID=task), capture_output=True, text=True,
                               timeout=180)
-        if task < 2:
+        if task < 3:
             assert proc.returncode == 0, proc.stderr
         else:  # the shell text reached hpcopt as a literal value and was rejected, not run
             assert proc.returncode == 2 and "run.seed" in proc.stderr
     assert not (tmp_path / "pwned").exists()
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert runs == ["quickstart-task0", "quickstart-task1"]
+    assert runs == ["quickstart-task0", "quickstart-task1", "quickstart-task2"]
     cfg = store.read_run(str(tmp_path / "runs" / "quickstart-task1"))["config_text"]
     assert "lr: 0.2" in cfg and "name: torus" in cfg
     proc = subprocess.run(["bash", str(JOBS / "sweep.sbatch"), str(QUICK), str(lines)], cwd=tmp_path,
                           env=job_env(tmp_path, SLURM_ARRAY_TASK_ID=7), capture_output=True, text=True)
-    assert proc.returncode == 2 and "only 3 override lines" in proc.stderr
+    assert proc.returncode == 2 and "only 4 override lines" in proc.stderr
 
 
 def test_usr1_checkpoints_and_requeues_then_resume_finishes(tmp_path):
