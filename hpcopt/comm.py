@@ -17,7 +17,8 @@ extra node). A rank holds its nodes' rows as one `(local_n, d)` array; `mix`, `m
   arrays go to MPI directly after the producing stream is synchronised; otherwise they
   are staged through pinned host buffers.
 * Waits are polite (test and yield the core for a few milliseconds, then test and sleep
-  with a back-off) so oversubscribed CPU ranks leave the cores to each other, and a wait longer than `timeout` seconds aborts the
+  with a back-off) so oversubscribed CPU ranks leave the cores to each other, and a wait
+  longer than `timeout` seconds aborts the
   whole job with a message naming the operation, the step and the peer.
 * Every operation counts calls, bytes sent and seconds (`counters`).
 """

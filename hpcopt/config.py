@@ -120,8 +120,10 @@ class RunCfg:
     checkpoint_every: int = _f(0, "write a checkpoint every this many steps (0: only at the end and on stop)", ge=0)
     keep_checkpoints: int = _f(2, "how many complete checkpoints to keep", ge=1)
     max_wall: float = _f(0.0, "wall-clock budget in seconds; on expiry checkpoint and exit 75 (0: none)", ge=0)
-    stop_after: int = _f(0, "stop like on a signal (checkpoint, exit 75) after this many steps of this session (0: off)", ge=0)
-    divergence_factor: float = _f(0.0, "stop as diverged when a node's loss exceeds this multiple of its first loss (0: only on non-finite loss)", ge=0)
+    stop_after: int = _f(0, "stop like on a signal (checkpoint, exit 75) after this many steps of this "
+                            "session (0: off)", ge=0)
+    divergence_factor: float = _f(0.0, "stop as diverged when a node's loss exceeds this multiple of its first "
+                                       "loss (0: only on non-finite loss)", ge=0)
     progress: bool = _f(True, "print a progress line with ETA on rank 0")
 
 
@@ -183,7 +185,8 @@ class OptimizerCfg:
 @dataclass(frozen=True)
 class TopologyCfg:
     name: TopologyName = _f(TopologyName.ring, "communication graph (dsgd)")
-    weights: Weights = _f(Weights.metropolis, "mixing weights: metropolis (Metropolis-Hastings) or uniform (regular graphs)")
+    weights: Weights = _f(Weights.metropolis,
+                          "mixing weights: metropolis (Metropolis-Hastings) or uniform (regular graphs)")
     p: float = _f(0.3, "erdos_renyi: edge probability", gt=0, le=1)
     seed: int = _f(0, "erdos_renyi: graph seed", ge=0)
     path: str = _f("", "edgelist: file with one 'i j' pair per line (0-based)")

@@ -96,7 +96,7 @@ def quadratic(n: int, samples: int, dim: int, heterogeneity: float, noise: float
     m_test = max(1, int(round(samples * test_fraction / max(1e-9, 1 - test_fraction))))
     x_c = rng.standard_normal(dim)
     parts = []
-    for v in range(n):
+    for _ in range(n):
         x_v = x_c + heterogeneity * rng.standard_normal(dim)
         scale = np.exp(0.5 * rng.standard_normal(dim))
         A = rng.standard_normal((samples + m_test, dim)) * scale

@@ -17,7 +17,9 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from . import __version__, algorithms, config as config_mod, data as data_mod, models, optim, store
+from . import __version__, algorithms, models, optim, store
+from . import config as config_mod
+from . import data as data_mod
 from . import topology as topology_mod
 from .backend import select as select_backend
 from .comm import Comm
@@ -48,7 +50,8 @@ class Faults:
                 self.kind, self.step, self.rank = kind, int(parts[0]), int(parts[1])
                 self.seconds = float(parts[2]) if len(parts) > 2 else 0.0
             except (ValueError, IndexError):
-                raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: expected KIND@STEP:RANK[:SECONDS]") from None
+                raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: "
+                                  "expected KIND@STEP:RANK[:SECONDS]") from None
             if kind not in ("kill", "kill-shard", "kill-complete", "sleep"):
                 raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: kinds are kill, kill-shard, "
                                   f"kill-complete, sleep")
@@ -160,8 +163,8 @@ class Runner:
                                       self.topology, {})
 
     def attrs(self) -> Dict[str, object]:
-        from mpi4py import MPI
         import h5py
+        from mpi4py import MPI
         c = self.comm
         return {
             "hpcopt_version": __version__, "numpy_version": np.__version__, "h5py_version": h5py.__version__,
@@ -254,8 +257,8 @@ class Runner:
         xbar = self.algo.average(self.ctx, state)
         diff = X - xbar[None, :]
         cd = c.allreduce_scalars([float(self.backend.to_host((diff * diff).sum()))])[0] / c.n
-        node_loss = self.backend.to_host(self.model.loss(X, self.X_test, self.y_test,
-                                                         xp.broadcast_to(self.w_test, (X.shape[0], self.w_test.shape[1]))))
+        w_test = xp.broadcast_to(self.w_test, (X.shape[0], self.w_test.shape[1]))
+        node_loss = self.backend.to_host(self.model.loss(X, self.X_test, self.y_test, w_test))
         node_acc = self.backend.to_host(self.model.accuracy(X, self.X_test, self.y_test))
         per_node = c.allgather_nodes(np.stack([node_loss, node_acc], axis=1))
         row = {"step": np.array([step], np.int64), "consensus_distance": np.array([cd]),
@@ -353,8 +356,9 @@ class Runner:
             want_stop = self.stop.signal is not None or over_budget
             flags = c.allreduce_scalars([float(want_stop), float(bad)], op="max")
             if flags[1]:
-                diverged = f"a training loss became non-finite at step {step}" + (
-                    f" or exceeded {cfg.run.divergence_factor:g} x its first value" if cfg.run.divergence_factor else "")
+                diverged = f"a training loss became non-finite at step {step}"
+                if cfg.run.divergence_factor:
+                    diverged += f" or exceeded {cfg.run.divergence_factor:g} x its first value"
                 break
             if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < T:
                 last_eval = self.evaluate(state, done)
@@ -420,10 +424,15 @@ class Runner:
         return 0
 
 
+def method_label(cfg: Config) -> str:
+    name = cfg.algorithm.name.value
+    return f"{name} ({cfg.topology.name.value})" if name == "dsgd" else name
+
+
 def summary_table(cfg: Config, s: dict, ranks: int) -> str:
     acc = s["final_test_accuracy"]
     rows = [
-        ("method", cfg.algorithm.name.value + (f" ({cfg.topology.name.value})" if cfg.algorithm.name.value == "dsgd" else "")),
+        ("method", method_label(cfg)),
         ("nodes x ranks", f"{cfg.nodes.n} x {ranks}"),
         ("steps", str(s["steps"])),
         ("test accuracy (average model)", "n/a" if acc != acc else f"{acc:.4f}"),

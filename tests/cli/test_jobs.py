@@ -1,5 +1,4 @@
 """The job scripts, run here with the launcher replaced by mpiexec (no Slurm needed)."""
-import os
 import shutil
 import signal
 import subprocess

@@ -2,7 +2,6 @@
 import time
 
 import numpy as np
-from mpi4py import MPI
 
 from hpcopt import topology
 from hpcopt.comm import Comm
