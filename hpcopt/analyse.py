@@ -1,7 +1,8 @@
-"""Tables from run files: `hpcopt analyse RUN [RUN ...]`.
+"""Tables and plots from run files: `hpcopt analyse RUN [RUN ...]`.
 
 Works on finished runs and on runs still being written (figures then come from the
-last evaluation and the last flushed metrics row).
+last evaluation and the last flushed metrics row). Plots need matplotlib (the `plot`
+extra); everything else needs only NumPy and h5py.
 """
 from __future__ import annotations
 
@@ -31,7 +32,36 @@ def _best(a, mode="max"):
     return float(np.nanmax(a) if mode == "max" else np.nanmin(a))
 
 
-def run_row(run: dict) -> dict:
+def session_wall(m: dict) -> np.ndarray:
+    """Wall seconds since the first start, across resumed sessions (each restarts at 0)."""
+    wall = np.asarray(m.get("wall", np.zeros(0)), dtype=float)
+    if wall.size < 2:
+        return wall
+    jumps = np.nonzero(np.diff(wall) < 0)[0]
+    out = wall.copy()
+    for j in jumps:
+        out[j + 1:] += out[j]
+    return out
+
+
+def eval_wall(run: dict) -> np.ndarray:
+    """Wall time of each evaluation row (the end of the step before it)."""
+    m, e = run["metrics"], run["eval"]
+    if "step" not in e or "step" not in m or not len(m["step"]):
+        return np.full(len(e.get("step", [])), np.nan)
+    return np.interp(np.asarray(e["step"]) - 1, m["step"], session_wall(m))
+
+
+def time_to_target(run: dict, target: float):
+    """(step, seconds) of the first evaluation with test accuracy >= target, or (nan, nan)."""
+    acc = np.asarray(run["eval"].get("test_accuracy", []), dtype=float)
+    hit = np.nonzero(acc >= target)[0]
+    if not hit.size:
+        return float("nan"), float("nan")
+    return float(run["eval"]["step"][hit[0]]), float(eval_wall(run)[hit[0]])
+
+
+def run_row(run: dict, target=None) -> dict:
     cfg = yaml.safe_load(run["config_text"]) or {}
     algo = cfg.get("algorithm", {}).get("name", "?")
     if algo == "dsgd":
@@ -55,6 +85,7 @@ def run_row(run: dict) -> dict:
         "MB_per_node": float(bytes_sent.sum()) / max(1, nodes) / 1e6,
         "comm_share": float(comm_s.sum() / total_s) if total_s > 0 else float("nan"),
         "status": ("diverged" if s.get("diverged") else "finished") if s else "running or stopped",
+        **({} if target is None else dict(zip(("target_step", "target_s"), time_to_target(run, target)))),
     }
 
 
@@ -122,17 +153,24 @@ def main(args) -> int:
             runs.append(store.read_run(p))
         except OSError as exc:
             raise ConfigError(f"{p}: cannot read the run file ({exc})") from None
-    rows = [run_row(r) for r in runs]
-    print(format_table(rows))
+    target = getattr(args, "target", None)
+    rows = [run_row(r, target) for r in runs]
+    columns = COLUMNS if target is None else COLUMNS[:-3] + [
+        ("target_step", f"step to {target:g}", "{:.0f}"), ("target_s", f"s to {target:g}", "{:.1f}")] + COLUMNS[-3:]
+    print(format_table(rows, columns))
     if args.per_node:
         for r, row in zip(runs, rows):
             print(f"\nper node: {row['run']}\n{per_node_table(r)}")
     if args.per_rank:
         for r, row in zip(runs, rows):
             print(f"\nper rank: {row['run']}\n{per_rank_table(r)}")
+    if getattr(args, "plot", None):
+        from . import plots
+        written = plots.write_all(runs, [r["run"] for r in rows], args.plot)
+        print(f"wrote {len(written)} plots to {args.plot}", file=sys.stderr)
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=[k for k, _, _ in COLUMNS] + ["status"])
+            w = csv.DictWriter(fh, fieldnames=[k for k, _, _ in columns] + ["status"])
             w.writeheader()
             for row in rows:
                 w.writerow({k: row[k] for k in w.fieldnames})

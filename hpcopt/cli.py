@@ -70,6 +70,12 @@ def cmd_analyse(args) -> int:
     return analyse.main(args)
 
 
+def cmd_sweep(args) -> int:
+    from . import sweep
+    path = args.config if os.path.exists(args.config) else (builtin_config(args.config) or args.config)
+    return sweep.main(path, args.grid, args.set or [], args.ranks, args.dry_run)
+
+
 def cmd_topology(args) -> int:
     from . import topology
     if args.n < 1:
@@ -119,7 +125,17 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--per-node", action="store_true", help="final test loss/accuracy of every node")
     a.add_argument("--per-rank", action="store_true", help="compute / comm seconds and bytes per rank")
     a.add_argument("--csv", help="also write the table to this CSV file")
+    a.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR (needs matplotlib)")
+    a.add_argument("--target", type=float, help="also report step and seconds to this test accuracy")
     a.set_defaults(func=cmd_analyse)
+    w = sub.add_parser("sweep", help="run the product of --grid values, one run directory each, then analyse")
+    w.add_argument("config", help="YAML file or bundled config name")
+    w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                   help="values of one key, e.g. optimizer.lr=0.1,0.05 (repeat for a product)")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
+    w.add_argument("--ranks", type=int, default=1, help="MPI ranks per run (mpiexec -n RANKS)")
+    w.add_argument("--dry-run", action="store_true", help="print the commands only")
+    w.set_defaults(func=cmd_sweep)
     c = sub.add_parser("config", help="print a config with every default filled in, or the key reference")
     c.add_argument("config", nargs="?", default="quickstart", help="YAML file or bundled config name")
     c.add_argument("--set", action="append", metavar="KEY=VALUE")

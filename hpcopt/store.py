@@ -24,12 +24,14 @@ ckpt/step-<N>/rank-<R>.h5 + ckpt/step-<N>/COMPLETE
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import h5py
 import numpy as np
@@ -73,6 +75,37 @@ def atomic_write_text(path: str, text: str) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
+@contextlib.contextmanager
+def flush_lock(h5_path: str, exclusive: bool, patience: float = 30.0) -> Iterator[None]:
+    """Advisory lock on `<run.h5>.lock`: the writer holds it exclusively during a flush,
+    readers share it while they read, so a reader never sees a half-written flush.
+
+    HDF5's own file locking is off (a reader must never make the writer fail). Where the
+    file system has no flock, or the lock stays busy for `patience` seconds, the work goes
+    on without it (readers then retry, see read_run).
+    """
+    fd = None
+    try:
+        fd = os.open(h5_path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 # ---------------------------------------------------------------------------------------
 # run file
 
@@ -100,7 +133,7 @@ class RunFile:
         """Append rows to /group/<name>; every column has the same number of rows."""
         if not columns:
             return
-        with h5py.File(self.path, "a", locking=False) as f:
+        with flush_lock(self.path, exclusive=True), h5py.File(self.path, "a", locking=False) as f:
             g = f.require_group(group)
             for name, rows in columns.items():
                 rows = np.asarray(rows)
@@ -138,7 +171,7 @@ class RunFile:
     def truncate(self, step: int) -> int:
         """Drop metric and eval rows with step >= `step` (on resume); returns rows dropped."""
         dropped = 0
-        with h5py.File(self.path, "a", locking=False) as f:
+        with flush_lock(self.path, exclusive=True), h5py.File(self.path, "a", locking=False) as f:
             for group in ("metrics", "eval"):
                 g = f.get(group)
                 if g is None or "step" not in g:
@@ -151,7 +184,7 @@ class RunFile:
         return dropped
 
     def set_summary(self, values: Dict[str, object]) -> None:
-        with h5py.File(self.path, "a", locking=False) as f:
+        with flush_lock(self.path, exclusive=True), h5py.File(self.path, "a", locking=False) as f:
             g = f.require_group("summary")
             for k, v in values.items():
                 g.attrs[k] = v
@@ -159,7 +192,7 @@ class RunFile:
 
 def readable(path: str) -> bool:
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with flush_lock(path, exclusive=False, patience=5.0), h5py.File(path, "r", locking=False) as f:
             f["config"].attrs.keys()
         return True
     except (OSError, KeyError):
@@ -198,9 +231,10 @@ def read_run(run_dir: str) -> dict:
     out: dict = {"path": path, "from_backup": False}
     if not readable(path) and readable(path + ".bak"):
         path, out["from_backup"] = path + ".bak", True
-    for attempt in range(5):  # the writer may be in the middle of a flush
+    for attempt in range(5):  # without flock the writer may be in the middle of a flush
         try:
-            return _read(path, out)
+            with flush_lock(path, exclusive=False):
+                return _read(path, out)
         except (OSError, KeyError):
             if attempt == 4:
                 raise
