@@ -313,7 +313,9 @@ class NodeData:
         self.X = xp.asarray(Xp)
         self.y = xp.asarray(yp)
         self._full = (self.X, self.y, xp.asarray(wfull))
-        self._rows = xp.asarray(np.arange(L)[:, None])
+        self._flat_X = self.X.reshape(L * m, f)
+        self._flat_y = self.y.reshape(L * m)
+        self._offsets = np.arange(L, dtype=np.int64)[:, None] * m
         if batch_size:
             self._w = xp.full((L, batch_size), 1.0 / batch_size, dtype=dtype)
 
@@ -323,5 +325,7 @@ class NodeData:
     def batch(self, step: int):
         if not self.batch_size:
             return self._full
-        idx = self.xp.asarray(self.batch_indices(step))
-        return self.X[self._rows, idx], self.y[self._rows, idx], self._w
+        flat = self.xp.asarray((self.batch_indices(step) + self._offsets).ravel())
+        L, B = len(self.nodes), self.batch_size
+        A = self._flat_X.take(flat, axis=0).reshape(L, B, -1)
+        return A, self._flat_y.take(flat).reshape(L, B), self._w

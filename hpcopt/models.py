@@ -75,9 +75,11 @@ class LinearModel:
             return (w * r * r).sum(axis=-1) * 0.5, (w * r)[..., None]
         if self.kind == "logistic":
             z = Z[..., 0]
-            loss = (w * (xp.logaddexp(0, z) - y * z)).sum(axis=-1)
-            p = xp.exp(-xp.logaddexp(0, -z))
-            return loss, (w * (p - y))[..., None]
+            y = y.astype(z.dtype, copy=False)  # integer labels would promote to float64
+            e = xp.exp(-xp.abs(z))  # one exponential for both, stable for any z
+            softplus = xp.maximum(z, 0) + xp.log1p(e)
+            p = xp.where(z >= 0, 1, e) / (1 + e)
+            return (w * (softplus - y * z)).sum(axis=-1), (w * (p - y))[..., None]
         zmax = Z.max(axis=-1, keepdims=True)
         e = xp.exp(Z - zmax)
         s = e.sum(axis=-1, keepdims=True)
@@ -136,7 +138,8 @@ class LinearModel:
         if self.kind == "quadratic":
             dZv = w[..., None] * Zv
         elif self.kind == "logistic":
-            p = xp.exp(-xp.logaddexp(0, -Z))
+            e = xp.exp(-xp.abs(Z))
+            p = xp.where(Z >= 0, 1, e) / (1 + e)
             dZv = w[..., None] * p * (1 - p) * Zv
         else:
             P = xp.exp(Z - Z.max(axis=-1, keepdims=True))

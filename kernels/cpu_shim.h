@@ -27,15 +27,20 @@ static const hpcopt_dim3 blockDim = {1u, 1u, 1u};
 static const hpcopt_dim3 gridDim = {1u, 1u, 1u};
 
 // Element loop: one contiguous chunk per thread, vectorised inside the chunk.
+// Below HPCOPT_PARALLEL_MIN elements a kernel runs on the calling thread: waking sleeping
+// OpenMP threads costs tens of microseconds, more than the work.
+#define HPCOPT_PARALLEL_MIN 32768
+#define HPCOPT_PRAGMA(text) _Pragma(#text)
 #define HPCOPT_LOOP(i, n) \
-    _Pragma("omp parallel for simd schedule(static)") \
+    HPCOPT_PRAGMA(omp parallel for simd schedule(static) if((long long)(n) >= HPCOPT_PARALLEL_MIN)) \
     for (long long i = 0; i < (long long)(n); ++i)
 
 // Row x column-tile loop: threads share out (row, tile) pieces in contiguous runs; a
 // tile is up to HPCOPT_TILE columns, processed by plain (vectorised) inner loops.
 #define HPCOPT_TILE 1024
 #define HPCOPT_TILES(r, c0, n, R, C) \
-    _Pragma("omp parallel for collapse(2) schedule(static)") \
+    HPCOPT_PRAGMA(omp parallel for collapse(2) schedule(static) \
+                  if((long long)(R) * (long long)(C) >= HPCOPT_PARALLEL_MIN)) \
     for (long long r = 0; r < (long long)(R); ++r) \
     for (long long c0 = 0; c0 < (long long)(C); c0 += HPCOPT_TILE) \
     for (long long n = ((long long)(C) - c0 < HPCOPT_TILE ? (long long)(C) - c0 : HPCOPT_TILE), _once = 1; \
