@@ -53,6 +53,24 @@ class Activation(str, enum.Enum):
 class Algorithm(str, enum.Enum):
     sync_sgd = "sync_sgd"
     dsgd = "dsgd"
+    local_sgd = "local_sgd"
+
+
+class Scaling(str, enum.Enum):
+    identity = "identity"
+    rmsprop = "rmsprop"
+    adam = "adam"
+    oasis = "oasis"
+
+
+class ScalingMode(str, enum.Enum):
+    global_ = "global"
+    local = "local"
+
+
+class SyncMoments(str, enum.Enum):
+    average = "average"
+    keep = "keep"
 
 
 class Order(str, enum.Enum):
@@ -166,6 +184,11 @@ class AlgorithmCfg:
     name: Algorithm = _f(Algorithm.dsgd, "method family")
     order: Order = _f(Order.combine_then_adapt, "dsgd: combine_then_adapt (DPSGD) or adapt_then_combine")
     overlap: bool = _f(True, "dsgd combine_then_adapt: compute gradients while neighbour rows are in flight")
+    local_steps: int = _f(1, "local_sgd: local steps H between averages", gt=0)
+    scaling: ScalingMode = _f(ScalingMode.global_, "local_sgd: global (D_hat frozen per round, from averaged "
+                                                   "statistics) or local (each node its own D_hat every step)")
+    sync_moments: SyncMoments = _f(SyncMoments.average, "local_sgd with local scaling: average the moments at "
+                                                        "synchronisation or keep them local")
 
 
 @dataclass(frozen=True)
@@ -180,6 +203,13 @@ class OptimizerCfg:
     momentum: float = _f(0.0, "heavy-ball momentum", ge=0, lt=1)
     nesterov: bool = _f(False, "Nesterov momentum")
     weight_decay: float = _f(0.0, "coupled weight decay added to the gradient", ge=0)
+    scaling: Scaling = _f(Scaling.identity, "local_sgd: diagonal scaling (identity, rmsprop, adam, oasis)")
+    beta1: float = _f(0.9, "adam: first-moment EMA weight", ge=0, lt=1)
+    beta2: float = _f(0.999, "rmsprop / adam / oasis: EMA weight of the scaling statistic", ge=0, lt=1)
+    alpha: float = _f(0.0, "scaling: clip the diagonal below, D_hat = max(alpha, D)", ge=0)
+    eps: float = _f(1e-8, "rmsprop / adam: added to the clipped diagonal", ge=0)
+    bias_correction: bool = _f(True, "adam: bias-corrected moments")
+    probes: int = _f(10, "rmsprop / oasis: statistics averaged at x0 for the warm start", gt=0)
 
 
 @dataclass(frozen=True)
@@ -335,6 +365,13 @@ def validate(cfg: Config) -> None:
     ms = cfg.optimizer.milestones
     if any(m <= 0 for m in ms) or list(ms) != sorted(ms):
         raise _bad("optimizer.milestones", list(ms), "must be increasing positive steps")
+    opt = cfg.optimizer
+    if opt.scaling is not Scaling.identity and cfg.algorithm.name is not Algorithm.local_sgd:
+        raise _bad("optimizer.scaling", opt.scaling.value, "diagonal scaling is used by algorithm.name: local_sgd")
+    if opt.scaling is not Scaling.identity and opt.momentum > 0:
+        raise _bad("optimizer.momentum", opt.momentum, "momentum goes with optimizer.scaling: identity only")
+    if opt.scaling is Scaling.oasis and opt.alpha <= 0:
+        raise _bad("optimizer.alpha", opt.alpha, "oasis needs alpha > 0 (the Hessian diagonal may be 0 or negative)")
     if cfg.optimizer.nesterov and cfg.optimizer.momentum == 0:
         raise _bad("optimizer.nesterov", True, "needs optimizer.momentum > 0")
 

@@ -319,13 +319,14 @@ class NodeData:
         if batch_size:
             self._w = xp.full((L, batch_size), 1.0 / batch_size, dtype=dtype)
 
-    def batch_indices(self, step: int) -> np.ndarray:
-        return keyed_ints(self.seed, self.nodes, step, self.batch_size, self.counts)
+    def batch_indices(self, step: int, stream: int = 0) -> np.ndarray:
+        return keyed_ints(self.seed, self.nodes, step, self.batch_size, self.counts, stream)
 
-    def batch(self, step: int):
+    def batch(self, step: int, stream: int = 0):
+        """Minibatch of `step`; other streams give independent draws (e.g. warm-start probes)."""
         if not self.batch_size:
             return self._full
-        flat = self.xp.asarray((self.batch_indices(step) + self._offsets).ravel())
+        flat = self.xp.asarray((self.batch_indices(step, stream) + self._offsets).ravel())
         L, B = len(self.nodes), self.batch_size
         A = self._flat_X.take(flat, axis=0).reshape(L, B, -1)
         return A, self._flat_y.take(flat).reshape(L, B), self._w

@@ -302,7 +302,8 @@ class Runner:
     def loop(self, state, start: int) -> int:
         cfg, c, b = self.cfg, self.comm, self.backend
         T = cfg.run.steps
-        buf: Dict[str, list] = {k: [] for k in ("step", "lr", "wall", "train_loss", "rank")}
+        buf: Dict[str, list] = {k: [] for k in ("step", "lr", "wall", "train_loss", "rank", "extra")}
+        extra_names = tuple(getattr(self.algo, "METRICS", ()))
         t_begin = time.perf_counter()
         last_eval: dict = {}
         best_acc = -np.inf
@@ -324,6 +325,7 @@ class Runner:
                     "wall": np.array(buf["wall"]), "train_loss": per_node,
                     "train_loss_mean": per_node.mean(axis=1),
                     "compute_seconds": pr[:, :, 0], "comm_seconds": pr[:, :, 1], "bytes_sent": pr[:, :, 2],
+                    **{k: np.array([row.get(k, np.nan) for row in buf["extra"]], np.float64) for k in extra_names},
                 })
             for v in buf.values():
                 v.clear()
@@ -345,6 +347,7 @@ class Runner:
             buf["wall"].append(t1 - t_begin)
             buf["train_loss"].append(loss)
             buf["rank"].append([t1 - t0 - (comm1 - comm0), comm1 - comm0, bytes1 - bytes0])
+            buf["extra"].append({k: float(v) for k, v in stats.items() if k in extra_names})
             steps_done += 1
             done = step + 1
             if first_loss is None:

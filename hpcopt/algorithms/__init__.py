@@ -7,16 +7,19 @@ Each module defines
   init(ctx, x0) -> State
   step(ctx, state, t, lr) -> (State, stats)   stats["loss"]: local nodes' batch losses;
   node_params(ctx, state) -> (local_n, d) array of the nodes' models;
-  average(ctx, state) -> (d,) average model (a collective: every rank calls it).
+  average(ctx, state) -> (d,) average model (a collective: every rank calls it);
+  METRICS (optional)     names of scalar stats a step may return besides "loss" (the same
+                         value on every rank); run.h5 gets one column each, NaN where a
+                         step did not report it (e.g. per-round statistics).
 Algorithms compute and communicate through `ctx.comm`; they never print or open files.
 """
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from . import dsgd, sync_sgd
+from . import dsgd, local_sgd, sync_sgd
 
-REGISTRY = {"sync_sgd": sync_sgd, "dsgd": dsgd}
+REGISTRY = {"sync_sgd": sync_sgd, "dsgd": dsgd, "local_sgd": local_sgd}
 
 
 class Context(NamedTuple):
