@@ -15,7 +15,9 @@ with EMAs v = b2 v + (1 - b2) stat and m = b1 m + (1 - b1) g (k = number of upda
 Conventions where the paper leaves a choice (documented in the README):
 * rmsprop and oasis start from a warm start, v0 = mean of `probes` statistics at x0
   (each node on its own data for local scaling, averaged over nodes for global), and use
-  no bias correction; adam starts from zero moments with the usual bias correction.
+  no bias correction. adam under local scaling starts from zero moments with the usual
+  bias corrections; under global scaling its v is warm-started too (a frozen D_hat of 0
+  would make the first round's steps unbounded), so only m is bias-corrected.
 * Global scaling (`diagonal`): D_hat is computed from the node-averaged v at each
   synchronisation and frozen for the next round (`step_frozen`); local scaling
   (`step_local`) updates every node's own D_hat every step, with the fused kernels.
@@ -65,9 +67,14 @@ def statistic(h: Hyper, g, zhz=None):
     return zhz if h.name == "oasis" else g * g
 
 
-def warm_start(h: Hyper, mom: Moments, stat) -> Moments:
-    """v0 = the given mean statistic (rmsprop, oasis); adam keeps zero moments."""
-    if h.name in ("rmsprop", "oasis"):
+def warm_started(h: Hyper, global_scaling: bool) -> bool:
+    """Whether v starts from probes at x0 (then D_hat has no bias correction)."""
+    return h.name in ("rmsprop", "oasis") or (h.name == "adam" and global_scaling)
+
+
+def warm_start(h: Hyper, mom: Moments, stat, global_scaling: bool = False) -> Moments:
+    """v0 = the given mean statistic where `warm_started`; otherwise zero moments stay."""
+    if warm_started(h, global_scaling):
         mom.v[...] = stat
     return mom
 

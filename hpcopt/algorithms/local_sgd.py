@@ -66,7 +66,7 @@ def init(ctx, x0) -> State:
     mom = precond.init(h, b, L, d)
     M = mom.m if h.name == "adam" else b.zeros((L, d if optim.uses_momentum(ctx.cfg.optimizer) else 0))
     glob = ctx.cfg.algorithm.scaling.value == "global"
-    if h.name in ("rmsprop", "oasis"):
+    if precond.warm_started(h, glob):
         stat = b.zeros((L, d))
         probes = ctx.cfg.optimizer.probes
         for k in range(probes):
@@ -77,11 +77,9 @@ def init(ctx, x0) -> State:
         stat /= np.float32(probes)
         if glob:
             stat[...] = comm.mean(stat)[None, :]
-        mom = precond.warm_start(h, mom, stat)
+        mom = precond.warm_start(h, mom, stat, glob)
     if glob and h.name != "identity":
         D = precond.diagonal(h, mom.v, 0)
-        if h.name == "adam":  # zero second moment: no scaling until the first synchronisation
-            D[...] = np.float32(1.0)
         P = D.copy()
     else:
         D = P = b.zeros((L, 0))
@@ -118,7 +116,7 @@ def step(ctx, state: State, t: int, lr: float):
         stats.update(round_stats)
         stats["rounds"] = (t + 1) // H
     extra = 2 if precond.needs_hvp(h) else 1
-    probes = cfg.optimizer.probes * extra if h.name in ("rmsprop", "oasis") else 0
+    probes = cfg.optimizer.probes * extra if precond.warm_started(h, glob) else 0
     stats["gradient_evals"] = float(ctx.comm.n * ((t + 1) * extra + probes))
     return state, stats
 
@@ -145,7 +143,7 @@ def synchronise(ctx, state: State, h: precond.Hyper, glob: bool, t: int):
         return state, stats
     limit = ctx.cfg.optimizer.alpha + ctx.cfg.optimizer.eps
     if glob:
-        Dnew = precond.diagonal(h, state.V[:1], t + 1)  # the same on every node
+        Dnew = precond.diagonal(h, state.V[:1], 0)  # warm-started: no bias correction; same on every node
         old = state.P[:1]
         change = float(xp.sqrt(((Dnew - old) ** 2).sum() / max(1e-30, float((old ** 2).sum()))))
         state.D[...] = Dnew
