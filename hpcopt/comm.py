@@ -221,13 +221,20 @@ class Comm:
     # ---------------------------------------------------------------------------------
     # mixing
 
+    MAX_PLANS = 64  # static graphs need one plan, time-varying ones a few; per-step matrices evict
+
     def plan(self, W: np.ndarray) -> MixPlan:
         hit = self._plans.get(id(W))
         if hit is not None and hit[0] is W:
             return hit[1]
         plan = self._build_plan(W)
+        if len(self._plans) >= self.MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
         self._plans[id(W)] = (W, plan)
         return plan
+
+    def bytes_by_op(self, ops: Sequence[str]) -> List[int]:
+        return [self.counters[o].bytes if o in self.counters else 0 for o in ops]
 
     def _build_plan(self, W: np.ndarray) -> MixPlan:
         lo, hi = self.lo, self.hi

@@ -54,6 +54,7 @@ class Algorithm(str, enum.Enum):
     sync_sgd = "sync_sgd"
     dsgd = "dsgd"
     local_sgd = "local_sgd"
+    teleport = "teleport"
 
 
 class Scaling(str, enum.Enum):
@@ -189,6 +190,10 @@ class AlgorithmCfg:
                                                    "statistics) or local (each node its own D_hat every step)")
     sync_moments: SyncMoments = _f(SyncMoments.average, "local_sgd with local scaling: average the moments at "
                                                         "synchronisation or keep them local")
+    k: int = _f(0, "teleport: number of tokens (active nodes) per step; auto (or 0): search k first",
+                ge=0, aliases={"auto": 0})
+    teleport: bool = _f(True, "teleport: move the tokens to freshly sampled nodes every step (false: ablation)")
+    search_steps: int = _f(200, "teleport with k auto: iterations T of each of the two search batches", gt=0)
 
 
 @dataclass(frozen=True)
@@ -337,6 +342,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[k] = _build(tp, v, key)
         else:
+            v = fields[k].metadata.get("aliases", {}).get(v, v) if isinstance(v, str) else v
             kwargs[k] = _coerce(tp, v, key)
             _check_rules(key, kwargs[k], fields[k].metadata)
     return cls(**kwargs)
@@ -350,8 +356,18 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that need more than one key."""
     n = cfg.nodes.n
     topo = cfg.topology
+    if cfg.algorithm.name is Algorithm.teleport:
+        if cfg.algorithm.k > n:
+            raise _bad("algorithm.k", cfg.algorithm.k, f"at most nodes.n = {n} tokens")
+        if cfg.optimizer.momentum > 0:
+            raise _bad("optimizer.momentum", cfg.optimizer.momentum, "teleport takes plain SGD steps (momentum 0)")
+        if cfg.algorithm.k == 0 and topo.name not in (TopologyName.ring, TopologyName.complete,
+                                                       TopologyName.exponential, TopologyName.one_peer_exponential):
+            raise _bad("topology.name", topo.name.value, "with algorithm.k auto the token graph must work for "
+                                                          "every k: ring, complete, exponential, one_peer_exponential")
+        n = cfg.algorithm.k or n  # the token graph has k vertices
     if topo.name is TopologyName.hypercube and not _is_pow2(n):
-        raise _bad("topology.name", topo.name.value, f"hypercube needs nodes.n a power of 2 (nodes.n = {n})")
+        raise _bad("topology.name", topo.name.value, f"hypercube needs a power of 2 vertices (here {n})")
     if topo.name is TopologyName.edgelist and not topo.path:
         raise _bad("topology.path", topo.path, "edgelist needs the path of an edge-list file")
     if topo.rows and n % topo.rows:
@@ -464,6 +480,7 @@ def reference(cls: type = Config, prefix: str = "") -> typing.List[Tuple[str, st
             rows += reference(tp, key)
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = {v: k for k, v in f.metadata.get("aliases", {}).items()}.get(default, default)
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
             tname = " \\| ".join(m.value for m in tp)
         else:

@@ -319,14 +319,20 @@ class NodeData:
         if batch_size:
             self._w = xp.full((L, batch_size), 1.0 / batch_size, dtype=dtype)
 
-    def batch_indices(self, step: int, stream: int = 0) -> np.ndarray:
-        return keyed_ints(self.seed, self.nodes, step, self.batch_size, self.counts, stream)
+    def batch_indices(self, step: int, stream: int = 0, rows=None) -> np.ndarray:
+        sel = slice(None) if rows is None else np.asarray(rows)
+        return keyed_ints(self.seed, self.nodes[sel], step, self.batch_size, self.counts[sel], stream)
 
-    def batch(self, step: int, stream: int = 0):
-        """Minibatch of `step`; other streams give independent draws (e.g. warm-start probes)."""
+    def batch(self, step: int, stream: int = 0, rows=None):
+        """Minibatch of `step` for all local nodes, or for the local `rows` given (the
+        same draws those nodes get in a full batch); other streams give independent draws."""
         if not self.batch_size:
-            return self._full
-        flat = self.xp.asarray((self.batch_indices(step, stream) + self._offsets).ravel())
-        L, B = len(self.nodes), self.batch_size
+            if rows is None:
+                return self._full
+            r = self.xp.asarray(np.asarray(rows))
+            return tuple(a[r] for a in self._full)
+        sel = slice(None) if rows is None else np.asarray(rows)
+        flat = self.xp.asarray((self.batch_indices(step, stream, rows) + self._offsets[sel]).ravel())
+        L, B = (len(self.nodes) if rows is None else len(sel)), self.batch_size
         A = self._flat_X.take(flat, axis=0).reshape(L, B, -1)
-        return A, self._flat_y.take(flat).reshape(L, B), self._w
+        return A, self._flat_y.take(flat).reshape(L, B), self._w[:L]

@@ -160,7 +160,7 @@ class Runner:
         self.w_test = xp.full((1, len(ds.X_test)), 1.0 / max(1, len(ds.X_test)), dtype=np.float32)
         self.algo = algorithms.get(cfg.algorithm.name.value)
         self.ctx = algorithms.Context(cfg, comm, self.backend, self.kernels, self.model, self.node_data,
-                                      self.topology, {})
+                                      self.topology, {"validation": (self.X_test, self.y_test)})
 
     def attrs(self) -> Dict[str, object]:
         import h5py
@@ -252,14 +252,27 @@ class Runner:
 
     # ---------------------------------------------------------------------------------
     def evaluate(self, state, step: int) -> dict:
+        """Test loss/accuracy of the average model and of every node holding a model.
+
+        Algorithms where only some nodes hold models (Teleportation's tokens) give
+        `active_rows(ctx, state, step)`; the other nodes get NaN and stay out of the
+        consensus distance.
+        """
         c, xp = self.comm, self.backend.xp
         X = self.algo.node_params(self.ctx, state)
         xbar = self.algo.average(self.ctx, state)
-        diff = X - xbar[None, :]
-        cd = c.allreduce_scalars([float(self.backend.to_host((diff * diff).sum()))])[0] / c.n
-        w_test = xp.broadcast_to(self.w_test, (X.shape[0], self.w_test.shape[1]))
-        node_loss = self.backend.to_host(self.model.loss(X, self.X_test, self.y_test, w_test))
-        node_acc = self.backend.to_host(self.model.accuracy(X, self.X_test, self.y_test))
+        rows = getattr(self.algo, "active_rows", None)
+        mask = np.asarray(rows(self.ctx, state, step), bool) if rows else np.ones(X.shape[0], bool)
+        Xa = X[xp.asarray(np.nonzero(mask)[0])] if not mask.all() else X
+        diff = Xa - xbar[None, :]
+        sq, holders = c.allreduce_scalars([float(self.backend.to_host((diff * diff).sum())), float(mask.sum())])
+        cd = sq / max(1.0, holders)
+        node_loss = np.full(X.shape[0], np.nan)
+        node_acc = np.full(X.shape[0], np.nan)
+        if mask.any():
+            w_test = xp.broadcast_to(self.w_test, (Xa.shape[0], self.w_test.shape[1]))
+            node_loss[mask] = self.backend.to_host(self.model.loss(Xa, self.X_test, self.y_test, w_test))
+            node_acc[mask] = self.backend.to_host(self.model.accuracy(Xa, self.X_test, self.y_test))
         per_node = c.allgather_nodes(np.stack([node_loss, node_acc], axis=1))
         row = {"step": np.array([step], np.int64), "consensus_distance": np.array([cd]),
                "node_test_loss": per_node[None, :, 0], "node_test_accuracy": per_node[None, :, 1]}
@@ -278,6 +291,12 @@ class Runner:
         info = self.prepare_dir()
         x0 = self.model.init(cfg.run.seed)
         state = self.algo.init(self.ctx, x0)
+        if c.rank == 0:
+            for name, table in self.ctx.workspace.get("tables", {}).items():
+                self.rf.write_table(name, table)
+                self.say(f"hpcopt: {name}:\n" + "\n".join(
+                    "  " + "  ".join(f"{k}={v[i]:.4g}" if isinstance(v[i], float) else f"{k}={v[i]}"
+                                     for k, v in table.items()) for i in range(len(next(iter(table.values()))))))
         start = 0
         if info is not None:
             state = self.restore(info)
@@ -296,14 +315,16 @@ class Runner:
         self.say(f"hpcopt: {cfg.algorithm.name.value} on {cfg.nodes.n} nodes x {c.size} ranks, "
                  f"model {self.model.kind} (d = {self.model.d}), data {self.dataset.name}, "
                  f"device {self.backend.device_name}, kernels {self.kernels.impl} -> {self.run_dir}")
+        c.step = start - 1
         code = self.loop(state, start)
         return code
 
     def loop(self, state, start: int) -> int:
         cfg, c, b = self.cfg, self.comm, self.backend
         T = cfg.run.steps
-        buf: Dict[str, list] = {k: [] for k in ("step", "lr", "wall", "train_loss", "rank", "extra")}
+        buf: Dict[str, list] = {k: [] for k in ("step", "lr", "wall", "train_loss", "rank", "extra", "ops")}
         extra_names = tuple(getattr(self.algo, "METRICS", ()))
+        ops = ("mix", "move")
         t_begin = time.perf_counter()
         last_eval: dict = {}
         best_acc = -np.inf
@@ -316,16 +337,18 @@ class Runner:
                 return
             losses = np.stack(buf["train_loss"], axis=1)  # (local_n, rows)
             per_node = c.allgather_nodes(losses).T  # (rows, n)
-            per_rank = c.gather_ranks(np.stack(buf["rank"], axis=0).ravel())  # (ranks, rows*3)
+            per_rank = c.gather_ranks(np.concatenate([np.stack(buf["rank"], axis=0),
+                                                      np.stack(buf["ops"], axis=0)], axis=1).ravel())
             if c.rank == 0:
                 rows = len(buf["step"])
-                pr = per_rank.reshape(c.size, rows, 3).transpose(1, 0, 2)
+                pr = per_rank.reshape(c.size, rows, 3 + len(ops)).transpose(1, 0, 2)
                 self.rf.append("metrics", {
                     "step": np.array(buf["step"], np.int64), "lr": np.array(buf["lr"]),
                     "wall": np.array(buf["wall"]), "train_loss": per_node,
                     "train_loss_mean": per_node.mean(axis=1),
                     "compute_seconds": pr[:, :, 0], "comm_seconds": pr[:, :, 1], "bytes_sent": pr[:, :, 2],
-                    **{k: np.array([row.get(k, np.nan) for row in buf["extra"]], np.float64) for k in extra_names},
+                    **{f"bytes_{op}": pr[:, :, 3 + i] for i, op in enumerate(ops)},
+                    **{k: _column([row.get(k) for row in buf["extra"]]) for k in extra_names},
                 })
             for v in buf.values():
                 v.clear()
@@ -336,6 +359,7 @@ class Runner:
             c.step = step
             self.faults.at_step(step, c.rank)
             bytes0, comm0 = c.totals()
+            ops0 = c.bytes_by_op(ops)
             t0 = time.perf_counter()
             lr = optim.lr_at(cfg.optimizer, step, T)
             state, stats = self.algo.step(self.ctx, state, step, lr)
@@ -347,13 +371,16 @@ class Runner:
             buf["wall"].append(t1 - t_begin)
             buf["train_loss"].append(loss)
             buf["rank"].append([t1 - t0 - (comm1 - comm0), comm1 - comm0, bytes1 - bytes0])
-            buf["extra"].append({k: float(v) for k, v in stats.items() if k in extra_names})
+            buf["ops"].append([b1 - b0 for b0, b1 in zip(ops0, c.bytes_by_op(ops))])
+            buf["extra"].append({k: v for k, v in stats.items() if k in extra_names})
             steps_done += 1
             done = step + 1
             if first_loss is None:
                 first_loss = loss.copy()
-            bad = not np.all(np.isfinite(loss)) or (
-                cfg.run.divergence_factor > 0 and np.any(loss > cfg.run.divergence_factor * np.abs(first_loss)))
+            active = np.asarray(b.to_host(stats["active"]), bool) if "active" in stats else slice(None)
+            bad = not np.all(np.isfinite(loss[active])) or (
+                cfg.run.divergence_factor > 0
+                and np.any(loss[active] > cfg.run.divergence_factor * np.abs(first_loss[active])))
             over_budget = ((cfg.run.max_wall > 0 and time.perf_counter() - t_begin > cfg.run.max_wall)
                            or (cfg.run.stop_after > 0 and steps_done >= cfg.run.stop_after))
             want_stop = self.stop.signal is not None or over_budget
@@ -425,6 +452,16 @@ class Runner:
             self.rf.event(T, "finished", f"finished {T} steps")
             self.say(summary_table(cfg, summary, c.size))
         return 0
+
+
+def _column(values) -> np.ndarray:
+    """Rows of an algorithm metric: scalars (NaN where a step did not report one) or
+    equal-length vectors."""
+    first = next((v for v in values if v is not None), None)
+    if first is None or np.ndim(first) == 0:
+        return np.array([np.nan if v is None else float(v) for v in values], np.float64)
+    width = len(first)
+    return np.stack([np.full(width, np.nan) if v is None else np.asarray(v, np.float64) for v in values])
 
 
 def method_label(cfg: Config) -> str:

@@ -163,6 +163,16 @@ class RunFile:
                 ds[start:] = rows
             f.flush()
 
+    def write_table(self, name: str, columns: Dict[str, np.ndarray]) -> None:
+        """/tables/<name>/<column>, replaced if present (e.g. Teleportation's k search)."""
+        with flush_lock(self.path, exclusive=True), h5py.File(self.path, "a", locking=False) as f:
+            g = f.require_group("tables")
+            if name in g:
+                del g[name]
+            t = g.create_group(name)
+            for k, v in columns.items():
+                t.create_dataset(k, data=np.asarray(v))
+
     def event(self, step: int, kind: str, message: str) -> None:
         self.append("events", {"step": np.array([step], np.int64), "kind": np.array([kind], object),
                                "message": np.array([message], object),
@@ -254,6 +264,8 @@ def _read(path: str, out: dict) -> dict:
             out[group] = {k: _plain(g[k][()]) for k in g} if g is not None else {}
         s = f.get("summary")
         out["summary"] = {k: _plain(v) for k, v in s.attrs.items()} if s is not None else {}
+        t = f.get("tables")
+        out["tables"] = {name: {k: _plain(t[name][k][()]) for k in t[name]} for name in t} if t is not None else {}
     return out
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from . import dsgd, local_sgd, sync_sgd
+from . import dsgd, local_sgd, sync_sgd, teleport
 
-REGISTRY = {"sync_sgd": sync_sgd, "dsgd": dsgd, "local_sgd": local_sgd}
+REGISTRY = {"sync_sgd": sync_sgd, "dsgd": dsgd, "local_sgd": local_sgd, "teleport": teleport}
 
 
 class Context(NamedTuple):

@@ -1,0 +1,212 @@
+"""Teleportation (Takezawa & Stich, ICLR 2025, arXiv 2501.15259).
+
+k model "tokens" live on k active nodes. Step t:
+1. the active set a_t is an ordered uniform sample: the first k entries of a random
+   permutation of the n nodes drawn from (seed, t), computed by every rank without
+   messages; token j sits on node a_t[j];
+2. every token takes an SGD step on the data of the node it sits on (inactive nodes
+   compute nothing);
+3. the tokens gossip on a graph over token ids (`topology.*` with k vertices, ring by
+   default): x_j <- sum_l W_jl x_l (adapt-then-combine);
+4. token j moves to node a_{t+1}[j] (`comm.move`: a row copy inside a rank, a message
+   between ranks; a token whose next node is its current node is not sent).
+Token j therefore sees a uniformly random node every step, independently of where it
+was. With `algorithm.teleport: false` (ablation) the tokens stay on nodes 0..k-1; with
+k = n that is D-SGD (adapt-then-combine) on the token graph.
+
+k search (`algorithm.k: auto`): the candidates 1, 2, 4, ... <= n are packed into two
+batches with at most n tokens each; a batch runs its candidates side by side for T =
+`algorithm.search_steps` iterations on disjoint node sets (each step one permutation of
+the n nodes is cut into consecutive blocks, one per candidate), every candidate from x0.
+The k whose average token has the lowest loss on the run's test split (used as the
+validation set) wins; the table goes to run.h5 (/tables/k_search) and training starts
+from x0 with that k.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Sequence
+
+import numpy as np
+
+from .. import optim
+from .. import topology as topology_mod
+from ..data import step_rng
+
+SHARDED = ("X",)
+METRICS = ("token_node",)
+TAG = 13  # stream of the active-set permutations
+
+
+class State(NamedTuple):
+    X: object  # (L, d): a node's row holds the token sitting on it (other rows are unused)
+
+
+# ---------------------------------------------------------------------------------------
+# pure schedule: where the tokens are
+
+
+def active_nodes(seed: int, step: int, n: int, sizes: Sequence[int], teleport: bool = True) -> np.ndarray:
+    """Node of every token at `step`: blocks of one permutation, one block per group."""
+    total = int(sum(sizes))
+    if not teleport:
+        return np.arange(total, dtype=np.int64)
+    return step_rng(seed, step, TAG).permutation(n)[:total].astype(np.int64)
+
+
+def search_batches(n: int) -> List[List[int]]:
+    """Candidates 1, 2, 4, ... <= n packed first-fit-decreasing into two batches of <= n."""
+    cands = [1 << i for i in range(n.bit_length()) if (1 << i) <= n]
+    bins: List[List[int]] = [[], []]
+    for k in sorted(cands, reverse=True):
+        for b in bins:
+            if sum(b) + k <= n:
+                b.append(k)
+                break
+    return [sorted(b) for b in bins if b]
+
+
+def node_mixing_matrix(n: int, nodes: np.ndarray, token_ws: Sequence[np.ndarray]) -> np.ndarray:
+    """n x n matrix applying each group's token graph to the nodes its tokens sit on."""
+    W = np.eye(n)
+    off = 0
+    for Wt in token_ws:
+        k = Wt.shape[0]
+        idx = nodes[off:off + k]
+        W[idx] = 0.0
+        W[np.ix_(idx, idx)] = Wt
+        off += k
+    return W
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class _Groups:
+    """Tokens of one or more groups (k values) and their token graphs."""
+
+    def __init__(self, ctx, sizes: Sequence[int]):
+        self.sizes = list(sizes)
+        t = ctx.cfg.topology
+        self.token_ws = [topology_mod.build(t.name.value, k, weights=t.weights.value, p=t.p, seed=t.seed,
+                                            path=t.path, rows=t.rows if k == ctx.cfg.algorithm.k else 0)
+                         for k in self.sizes]
+        self.group = np.repeat(np.arange(len(self.sizes)), self.sizes)
+
+    def nodes(self, ctx, step: int) -> np.ndarray:
+        return active_nodes(ctx.cfg.run.seed, step, ctx.comm.n, self.sizes, ctx.cfg.algorithm.teleport)
+
+    def matrix(self, ctx, step: int, nodes: np.ndarray) -> np.ndarray:
+        return node_mixing_matrix(ctx.comm.n, nodes, [tw.mixing_matrix(step) for tw in self.token_ws])
+
+
+def _local(ctx, nodes: np.ndarray):
+    """(token indices, local rows) of the tokens sitting on this rank's nodes."""
+    lo, hi = ctx.comm.lo, ctx.comm.hi
+    tokens = np.nonzero((nodes >= lo) & (nodes < hi))[0]
+    return tokens, nodes[tokens] - lo
+
+
+def _advance(ctx, X, groups: _Groups, t: int, lr: float):
+    """One Teleportation step for all groups; returns (X, per-row loss, active mask)."""
+    b, comm = ctx.backend, ctx.comm
+    nodes = groups.nodes(ctx, t)
+    tokens, rows = _local(ctx, nodes)
+    loss = np.full(comm.local_n, np.nan)
+    active = np.zeros(comm.local_n, bool)
+    if len(rows):
+        r = b.xp.asarray(rows)
+        A, y, w = ctx.data.batch(t, rows=rows)
+        Xa = X[r]
+        lval, G = ctx.model.loss_grad(Xa, A, y, w)
+        optim.apply(ctx.kernels, Xa, G, None, lr, ctx.cfg.optimizer)
+        X[r] = Xa
+        loss[rows] = b.to_host(lval)
+        active[rows] = True
+    out = ctx.workspace.get("teleport_spare")
+    if out is None or out.shape != X.shape:
+        out = b.empty(X.shape)
+    Y = comm.mix(X, groups.matrix(ctx, t, nodes), out=out)
+    ctx.workspace["teleport_spare"] = X
+    comm.move(Y, nodes, groups.nodes(ctx, t + 1))
+    return Y, loss, active
+
+
+def _group_means(ctx, X, groups: _Groups, nodes: np.ndarray):
+    """(groups, d) average token of every group (one all-reduce)."""
+    xp = ctx.backend.xp
+    tokens, rows = _local(ctx, nodes)
+    sums = ctx.backend.zeros((len(groups.sizes), X.shape[1]))
+    for g in range(len(groups.sizes)):
+        sel = rows[groups.group[tokens] == g]
+        if len(sel):
+            sums[g] = X[xp.asarray(sel)].sum(axis=0)
+    total = ctx.comm.allreduce(sums)
+    return total / ctx.backend.asarray(np.asarray(groups.sizes, np.float32))[:, None]
+
+
+def k_search(ctx, x0) -> int:
+    """Run the candidates in two batches of T steps; returns the chosen k (table in workspace)."""
+    b = ctx.backend
+    T = ctx.cfg.algorithm.search_steps
+    table = {"k": [], "batch": [], "validation_loss": [], "validation_accuracy": []}
+    for bi, sizes in enumerate(search_batches(ctx.comm.n)):
+        groups = _Groups(ctx, sizes)
+        X = b.xp.tile(b.asarray(x0)[None, :], (ctx.comm.local_n, 1))
+        for t in range(T):
+            X, _, _ = _advance(ctx, X, groups, t, optim.lr_at(ctx.cfg.optimizer, t, T))
+        means = _group_means(ctx, X, groups, groups.nodes(ctx, T))
+        X_test, y_test = ctx.workspace["validation"]
+        w = b.xp.full((len(sizes), len(y_test)), 1.0 / len(y_test), dtype=np.float32)
+        vl = b.to_host(ctx.model.loss(means, X_test, y_test, w))
+        va = b.to_host(ctx.model.accuracy(means, X_test, y_test))
+        for g, k in enumerate(sizes):
+            table["k"].append(k)
+            table["batch"].append(bi)
+            table["validation_loss"].append(float(vl[g]))
+            table["validation_accuracy"].append(float(va[g]))
+    losses = np.array(table["validation_loss"])
+    losses[~np.isfinite(losses)] = np.inf
+    best = int(np.array(table["k"])[int(np.argmin(losses))])
+    ctx.workspace.setdefault("tables", {})["k_search"] = {k: np.asarray(v) for k, v in table.items()}
+    return best
+
+
+def chosen_k(ctx) -> int:
+    k = ctx.workspace.get("teleport_k")
+    if k is None:
+        k = ctx.cfg.algorithm.k
+        ctx.workspace["teleport_k"] = k
+    return k
+
+
+def init(ctx, x0) -> State:
+    b = ctx.backend
+    if ctx.cfg.algorithm.k == 0 and "teleport_k" not in ctx.workspace:
+        ctx.workspace["teleport_k"] = k_search(ctx, x0)
+    ctx.workspace["teleport_groups"] = _Groups(ctx, [chosen_k(ctx)])
+    return State(b.xp.tile(b.asarray(x0)[None, :], (ctx.comm.local_n, 1)))
+
+
+def node_params(ctx, state: State):
+    return state.X
+
+
+def active_rows(ctx, state: State, step: int) -> np.ndarray:
+    """Local rows that hold a token at the start of `step`."""
+    groups = ctx.workspace["teleport_groups"]
+    _, rows = _local(ctx, groups.nodes(ctx, step))
+    mask = np.zeros(ctx.comm.local_n, bool)
+    mask[rows] = True
+    return mask
+
+
+def average(ctx, state: State):
+    """The average token (evaluated by the runner); a collective."""
+    groups = ctx.workspace["teleport_groups"]
+    return _group_means(ctx, state.X, groups, groups.nodes(ctx, ctx.comm.step + 1))[0]
+
+
+def step(ctx, state: State, t: int, lr: float):
+    groups = ctx.workspace["teleport_groups"]
+    X, loss, active = _advance(ctx, state.X, groups, t, lr)
+    return State(X), {"loss": loss, "active": active, "token_node": groups.nodes(ctx, t)}
