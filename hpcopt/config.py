@@ -115,6 +115,12 @@ class Tristate(str, enum.Enum):
     no = "no"
 
 
+class Noise(str, enum.Enum):
+    none = "none"
+    fixed = "fixed"
+    matched = "matched"
+
+
 class KernelMode(str, enum.Enum):
     auto = "auto"
     compiled = "compiled"
@@ -194,6 +200,10 @@ class AlgorithmCfg:
                 ge=0, aliases={"auto": 0})
     teleport: bool = _f(True, "teleport: move the tokens to freshly sampled nodes every step (false: ablation)")
     search_steps: int = _f(200, "teleport with k auto: iterations T of each of the two search batches", gt=0)
+    noise: Noise = _f(Noise.none, "sync_sgd: add isotropic Gaussian noise to the averaged gradient: none, fixed "
+                                  "(norm noise_std) or matched (norm = a run's /diag/grad_deviation)")
+    noise_std: float = _f(0.0, "sync_sgd with noise fixed: expected norm of the added noise", ge=0)
+    noise_run: str = _f("", "sync_sgd with noise matched: run directory (or run.h5) of a DPSGD run with diagnostics")
 
 
 @dataclass(frozen=True)
@@ -243,6 +253,13 @@ class CommCfg:
 
 
 @dataclass(frozen=True)
+class DiagnosticsCfg:
+    every: int = _f(0, "compute the landscape diagnostics every this many steps (0: off)", ge=0)
+    batch_size: int = _f(256, "fixed evaluation batch per node for the diagnostics (0: the node's whole data)", ge=0)
+    power_iters: int = _f(20, "power iterations for the top Hessian eigenvalue (0: skip it)", ge=0)
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunCfg = field(default_factory=RunCfg)
     nodes: NodesCfg = field(default_factory=NodesCfg)
@@ -253,6 +270,7 @@ class Config:
     topology: TopologyCfg = field(default_factory=TopologyCfg)
     device: DeviceCfg = field(default_factory=DeviceCfg)
     comm: CommCfg = field(default_factory=CommCfg)
+    diagnostics: DiagnosticsCfg = field(default_factory=DiagnosticsCfg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -381,6 +399,14 @@ def validate(cfg: Config) -> None:
     ms = cfg.optimizer.milestones
     if any(m <= 0 for m in ms) or list(ms) != sorted(ms):
         raise _bad("optimizer.milestones", list(ms), "must be increasing positive steps")
+    alg = cfg.algorithm
+    if alg.noise is not Noise.none and alg.name is not Algorithm.sync_sgd:
+        raise _bad("algorithm.noise", alg.noise.value, "the noise baseline is for algorithm.name: sync_sgd")
+    if alg.noise is Noise.fixed and alg.noise_std <= 0:
+        raise _bad("algorithm.noise_std", alg.noise_std, "noise fixed needs noise_std > 0")
+    if alg.noise is Noise.matched and not alg.noise_run:
+        raise _bad("algorithm.noise_run", alg.noise_run, "noise matched needs the run directory of a DPSGD run "
+                                                          "with diagnostics")
     opt = cfg.optimizer
     if opt.scaling is not Scaling.identity and cfg.algorithm.name is not Algorithm.local_sgd:
         raise _bad("optimizer.scaling", opt.scaling.value, "diagonal scaling is used by algorithm.name: local_sgd")

@@ -316,23 +316,26 @@ class NodeData:
         self._flat_X = self.X.reshape(L * m, f)
         self._flat_y = self.y.reshape(L * m)
         self._offsets = np.arange(L, dtype=np.int64)[:, None] * m
-        if batch_size:
-            self._w = xp.full((L, batch_size), 1.0 / batch_size, dtype=dtype)
+        self._w = xp.full((L, batch_size), 1.0 / max(1, batch_size), dtype=dtype)
 
     def batch_indices(self, step: int, stream: int = 0, rows=None) -> np.ndarray:
         sel = slice(None) if rows is None else np.asarray(rows)
         return keyed_ints(self.seed, self.nodes[sel], step, self.batch_size, self.counts[sel], stream)
 
-    def batch(self, step: int, stream: int = 0, rows=None):
+    def batch(self, step: int, stream: int = 0, rows=None, batch_size=None):
         """Minibatch of `step` for all local nodes, or for the local `rows` given (the
-        same draws those nodes get in a full batch); other streams give independent draws."""
-        if not self.batch_size:
+        same draws those nodes get in a full batch); other streams give independent draws;
+        `batch_size` overrides the configured size (0: each node's whole data)."""
+        B = self.batch_size if batch_size is None else batch_size
+        if not B:
             if rows is None:
                 return self._full
             r = self.xp.asarray(np.asarray(rows))
             return tuple(a[r] for a in self._full)
         sel = slice(None) if rows is None else np.asarray(rows)
-        flat = self.xp.asarray((self.batch_indices(step, stream, rows) + self._offsets[sel]).ravel())
-        L, B = (len(self.nodes) if rows is None else len(sel)), self.batch_size
+        idx = keyed_ints(self.seed, self.nodes[sel], step, B, self.counts[sel], stream)
+        flat = self.xp.asarray((idx + self._offsets[sel]).ravel())
+        L = len(self.nodes) if rows is None else len(sel)
         A = self._flat_X.take(flat, axis=0).reshape(L, B, -1)
-        return A, self._flat_y.take(flat).reshape(L, B), self._w[:L]
+        w = self._w[:L] if B == self.batch_size else self.xp.full((L, B), 1.0 / B, dtype=self._flat_X.dtype)
+        return A, self._flat_y.take(flat).reshape(L, B), w

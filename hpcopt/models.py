@@ -219,7 +219,7 @@ class MLP:
         if A.ndim == 2:
             y = xp.broadcast_to(y, Zs[-1].shape[:2])
         loss, D = self._head(Zs[-1], y, w)
-        G = xp.empty_like(X)
+        G = xp.empty(X.shape, dtype=X.dtype)
         L = X.shape[0]
         layers = self._layers(X)
         for i in range(len(layers) - 1, -1, -1):

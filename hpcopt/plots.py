@@ -23,6 +23,7 @@ STANDARD = {
     "metrics": {"step", "lr", "wall", "train_loss", "train_loss_mean", "compute_seconds", "comm_seconds",
                 "bytes_sent"},
     "eval": {"step", "test_loss", "test_accuracy", "node_test_loss", "node_test_accuracy", "consensus_distance"},
+    "diag": {"step"},
 }
 
 
@@ -41,7 +42,9 @@ def _line_plot(plt, path, series, xlabel, ylabel, logy=False):
     drawn = 0
     for label, x, y in series:
         x, y = np.asarray(x, float), np.asarray(y, float)
-        if len(x) and np.isfinite(y).any():
+        keep = np.isfinite(x) & np.isfinite(y)  # per-round metrics are NaN between rounds
+        x, y = x[keep], y[keep]
+        if len(x):
             ax.plot(x, y, label=label, linewidth=1.4, marker="o" if len(x) < 30 else None, markersize=3)
             drawn += 1
     if not drawn:
@@ -119,7 +122,7 @@ def write_all(runs: Sequence[dict], labels: Sequence[str], out_dir: str) -> List
     keep(_line_plot(plt, os.path.join(out_dir, "consensus_distance.png"), series("eval", "consensus_distance"),
                     "step", "consensus distance", logy=True))
     keep(_time_bars(plt, os.path.join(out_dir, "time_per_rank.png"), runs, labels))
-    extra: Dict[str, set] = {"metrics": set(), "eval": set()}
+    extra: Dict[str, set] = {"metrics": set(), "eval": set(), "diag": set()}
     for run in runs:
         for group in extra:
             extra[group] |= {k for k, v in run[group].items() if k not in STANDARD[group]

@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from . import __version__, algorithms, models, optim, store
+from . import __version__, algorithms, metrics, models, optim, store
 from . import config as config_mod
 from . import data as data_mod
 from . import topology as topology_mod
@@ -161,6 +161,21 @@ class Runner:
         self.algo = algorithms.get(cfg.algorithm.name.value)
         self.ctx = algorithms.Context(cfg, comm, self.backend, self.kernels, self.model, self.node_data,
                                       self.topology, {"validation": (self.X_test, self.y_test)})
+        if cfg.algorithm.noise.value == "matched":
+            self.ctx.workspace["noise_schedule"] = self.noise_schedule(cfg.algorithm.noise_run)
+
+    def noise_schedule(self, path: str):
+        """(steps, grad_deviation) of the DPSGD run a matched-noise baseline follows."""
+        try:
+            diag = store.read_run(path)["diag"]
+        except OSError as exc:
+            raise ConfigError(f"algorithm.noise_run = {path!r} is not allowed: cannot read it ({exc})") from None
+        if "grad_deviation" not in diag or not len(diag["grad_deviation"]):
+            raise ConfigError(f"algorithm.noise_run = {path!r} is not allowed: it has no diagnostics "
+                              f"(run it with diagnostics.every > 0)")
+        vals = np.asarray(diag["grad_deviation"], float)
+        vals[~np.isfinite(vals)] = 0.0
+        return np.asarray(diag["step"], float), vals
 
     def attrs(self) -> Dict[str, object]:
         import h5py
@@ -390,6 +405,12 @@ class Runner:
                 if cfg.run.divergence_factor:
                     diverged += f" or exceeded {cfg.run.divergence_factor:g} x its first value"
                 break
+            if cfg.diagnostics.every and done % cfg.diagnostics.every == 0:
+                diag = metrics.diagnose(self.ctx, self.algo, state, done, lr)
+                if c.rank == 0:
+                    self.rf.append("diag", {"step": np.array([done], np.int64),
+                                            **{k: np.array([v]) if np.ndim(v) == 0 else np.asarray(v)[None, :]
+                                               for k, v in diag.items()}})
             if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < T:
                 last_eval = self.evaluate(state, done)
                 if c.rank == 0:

@@ -182,7 +182,7 @@ class RunFile:
         """Drop metric and eval rows with step >= `step` (on resume); returns rows dropped."""
         dropped = 0
         with flush_lock(self.path, exclusive=True), h5py.File(self.path, "a", locking=False) as f:
-            for group in ("metrics", "eval"):
+            for group in ("metrics", "eval", "diag"):
                 g = f.get(group)
                 if g is None or "step" not in g:
                     continue
@@ -259,7 +259,7 @@ def _read(path: str, out: dict) -> dict:
         text = cfg[()]
         out["config_text"] = text.decode() if isinstance(text, bytes) else str(text)
         out["attrs"] = {k: _plain(v) for k, v in cfg.attrs.items()}
-        for group in ("metrics", "eval", "events"):
+        for group in ("metrics", "eval", "events", "diag"):
             g = f.get(group)
             out[group] = {k: _plain(g[k][()]) for k in g} if g is not None else {}
         s = f.get("summary")

@@ -3,12 +3,22 @@
 Every node computes a gradient at the shared model on its own minibatch; one
 all-reduce averages them and every rank applies the same update, so all replicas stay
 bit-identical.
+
+Noise baseline (Zhang et al. 2021: "SSGD + matched isotropic noise"): with
+`algorithm.noise` the averaged gradient gets xi = sigma * z / sqrt(d), z ~ N(0, I) drawn
+from (seed, step) (the same on every rank), so E||xi||^2 = sigma^2. sigma is
+`algorithm.noise_std` (fixed) or, for matched, the grad_deviation a DPSGD run measured
+at that step (interpolated between its diagnostic steps), i.e. the size of the extra
+term decentralization adds to the average model's step.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from .. import optim
+from ..data import step_rng
 
 SHARDED: tuple = ()
 
@@ -37,5 +47,19 @@ def step(ctx, state: State, t: int, lr: float):
     A, y, w = ctx.data.batch(t)
     loss, G = ctx.model.loss_grad(node_params(ctx, state), A, y, w)
     g = ctx.comm.mean(G)
+    sigma = noise_std(ctx, t)
+    if sigma > 0:
+        z = step_rng(ctx.cfg.run.seed, t, 19).standard_normal(g.shape[0])
+        g += ctx.backend.asarray((sigma / np.sqrt(g.shape[0]) * z).astype(np.float32))
     optim.apply(ctx.kernels, state.x, g, state.m, lr, ctx.cfg.optimizer)
     return state, {"loss": loss}
+
+
+def noise_std(ctx, t: int) -> float:
+    kind = ctx.cfg.algorithm.noise.value
+    if kind == "fixed":
+        return ctx.cfg.algorithm.noise_std
+    if kind == "matched":
+        steps, values = ctx.workspace["noise_schedule"]
+        return float(np.interp(t, steps, values))
+    return 0.0
