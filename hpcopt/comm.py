@@ -374,9 +374,31 @@ class Comm:
         all-reduce makes anyway), then one in-place all-reduce sums over ranks.
         """
         t0 = time.perf_counter()
-        L, d = X.shape
         if out is None:
-            out = self.backend.empty((d,))
+            out = self.backend.empty((X.shape[1],))
+        self._scaled_row_sum(X, out)
+        self._reduce_inplace(out, "sum", "mean")
+        self._count("mean", out.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
+        return out
+
+    def mean_many(self, blocks: Sequence[Any], out=None):
+        """Node averages of several (local_n, d_k) blocks in ONE all-reduce: returns the
+        concatenation (sum_k d_k,) without ever concatenating the blocks themselves."""
+        t0 = time.perf_counter()
+        widths = [b.shape[1] for b in blocks]
+        if out is None:
+            out = self.backend.empty((sum(widths),))
+        off = 0
+        for b, w in zip(blocks, widths):
+            self._scaled_row_sum(b, out[off:off + w])
+            off += w
+        self._reduce_inplace(out, "sum", "mean")
+        self._count("mean", out.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
+        return out
+
+    def _scaled_row_sum(self, X, out) -> None:
+        """out = sum_i X[i] / n over the local rows: one fused pass."""
+        L, d = X.shape
         key = ("mean", L, d)
         csr = self._pinned.get(key)
         if csr is None:
@@ -389,9 +411,6 @@ class Comm:
             self.backend.xp.multiply(X[0], weights[0], out=out)
         else:
             self.kernels.mix_rows(out.reshape(1, d), X, none, indptr, indices, weights)
-        self._reduce_inplace(out, "sum", "mean")
-        self._count("mean", out.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
-        return out
 
     def allreduce_scalars(self, values, op: str = "sum") -> np.ndarray:
         """Reduce a small host float64 vector over ranks."""

@@ -29,6 +29,15 @@ NAMES = ("weight_variance", "mean_loss", "loss_at_mean", "smoothing_gap", "alpha
          "lambda_max", "stability")
 
 
+def sq_dist_sum(X, center, rows_per_chunk: int = 64) -> float:
+    """sum_i ||X[i] - center||^2 without an (L, d) temporary (chunks of rows)."""
+    total = 0.0
+    for lo in range(0, X.shape[0], rows_per_chunk):
+        diff = X[lo:lo + rows_per_chunk] - center[None, :]
+        total += float((diff * diff).sum())
+    return total
+
+
 def _vec(b, a):
     return np.asarray(b.to_host(a), np.float64)
 

@@ -94,7 +94,10 @@ class LinearModel:
         xp = _xp(X)
         L = X.shape[0]
         G = xp.empty((L, self.d), dtype=X.dtype)
-        G[:, : self.f * self.k] = _matmul_T(A, dZ).reshape(L, -1)
+        if self.bias:
+            G[:, : self.f * self.k] = _matmul_T(A, dZ).reshape(L, -1)
+        else:  # the weights are all of G: write the product in place
+            xp.matmul(xp.swapaxes(A, -1, -2), dZ, out=G.reshape(L, self.f, self.k))
         if self.bias:
             G[:, self.f * self.k:] = dZ.sum(axis=1)
         if self.l2:

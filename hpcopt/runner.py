@@ -279,8 +279,7 @@ class Runner:
         rows = getattr(self.algo, "active_rows", None)
         mask = np.asarray(rows(self.ctx, state, step), bool) if rows else np.ones(X.shape[0], bool)
         Xa = X[xp.asarray(np.nonzero(mask)[0])] if not mask.all() else X
-        diff = Xa - xbar[None, :]
-        sq, holders = c.allreduce_scalars([float(self.backend.to_host((diff * diff).sum())), float(mask.sum())])
+        sq, holders = c.allreduce_scalars([metrics.sq_dist_sum(Xa, xbar), float(mask.sum())])
         cd = sq / max(1.0, holders)
         node_loss = np.full(X.shape[0], np.nan)
         node_acc = np.full(X.shape[0], np.nan)

@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import optim, precond
 from ..data import step_rng
+from ..metrics import sq_dist_sum
 
 SHARDED = ("X", "M", "V", "D", "P")
 METRICS = ("rounds", "gradient_evals", "client_drift", "dhat_min", "dhat_median", "dhat_max", "dhat_ratio",
@@ -46,14 +47,15 @@ def _hyper(ctx) -> precond.Hyper:
     return precond.from_config(ctx.cfg.optimizer)
 
 
-def _probes(ctx, X, t: int, A, y, w, shared: bool):
+def _probes(ctx, X, t: int, A, y, w, shared: bool, first_row: int = 0):
     """z * (H z) per node with Rademacher z; shared z over nodes for global scaling."""
     L, d = X.shape
     seed = ctx.cfg.run.seed
     if shared:
         z = np.broadcast_to(step_rng(seed, t, 11).choice(np.array([-1.0, 1.0], np.float32), d), (L, d))
     else:
-        z = precond.rademacher(seed, range(ctx.comm.lo, ctx.comm.hi), t, d)
+        first = ctx.comm.lo + first_row
+        z = precond.rademacher(seed, range(first, first + L), t, d)
     z = ctx.backend.asarray(z)
     return z * ctx.model.hvp(X, z, A, y, w)
 
@@ -94,21 +96,25 @@ def average(ctx, state: State):
     return ctx.comm.mean(state.X)
 
 
+CHUNK_FLOATS = 1 << 20  # rows per local step are processed in blocks of about this many floats
+
+
 def step(ctx, state: State, t: int, lr: float):
+    """H local steps happen one per call; every H-th call also synchronises.
+
+    The local step runs over blocks of rows (about CHUNK_FLOATS parameters each), so the
+    minibatch and gradient buffers stay small next to the state; every node's draws and
+    arithmetic are the same whatever the blocking.
+    """
     h = _hyper(ctx)
     cfg = ctx.cfg
     glob = cfg.algorithm.scaling.value == "global"
-    A, y, w = ctx.data.batch(t)
-    loss, G = ctx.model.loss_grad(state.X, A, y, w)
-    zhz = _probes(ctx, state.X, t, A, y, w, glob) if precond.needs_hvp(h) else None
-    mom = precond.Moments(state.M if h.name == "adam" else state.M[:, :0], state.V)
-    wd = cfg.optimizer.weight_decay
-    if h.name == "identity":
-        optim.apply(ctx.kernels, state.X, G, state.M, lr, cfg.optimizer)
-    elif glob:
-        precond.step_frozen(h, ctx.kernels, state.X, G, mom, state.D, lr, t + 1, wd, zhz)
-    else:
-        precond.step_local(h, ctx.kernels, state.X, G, mom, lr, t + 1, wd, zhz)
+    L, d = state.X.shape
+    rows = max(1, CHUNK_FLOATS // max(1, d))
+    loss = ctx.backend.empty((L,))
+    for lo in range(0, L, rows):
+        hi = min(L, lo + rows)
+        loss[lo:hi] = _local_step(ctx, state, h, glob, t, lr, lo, hi)
     stats = {"loss": loss}
     H = cfg.algorithm.local_steps
     if (t + 1) % H == 0:
@@ -119,6 +125,23 @@ def step(ctx, state: State, t: int, lr: float):
     probes = cfg.optimizer.probes * extra if precond.warm_started(h, glob) else 0
     stats["gradient_evals"] = float(ctx.comm.n * ((t + 1) * extra + probes))
     return state, stats
+
+
+def _local_step(ctx, state: State, h: precond.Hyper, glob: bool, t: int, lr: float, lo: int, hi: int):
+    cfg = ctx.cfg
+    X = state.X[lo:hi]
+    A, y, w = ctx.data.batch(t, rows=np.arange(lo, hi)) if hi - lo < state.X.shape[0] else ctx.data.batch(t)
+    loss, G = ctx.model.loss_grad(X, A, y, w)
+    zhz = _probes(ctx, X, t, A, y, w, glob, lo) if precond.needs_hvp(h) else None
+    mom = precond.Moments(state.M[lo:hi] if h.name == "adam" else state.M[lo:hi, :0], state.V[lo:hi])
+    wd = cfg.optimizer.weight_decay
+    if h.name == "identity":
+        optim.apply(ctx.kernels, X, G, state.M[lo:hi], lr, cfg.optimizer)
+    elif glob:
+        precond.step_frozen(h, ctx.kernels, X, G, mom, state.D[lo:hi], lr, t + 1, wd, zhz)
+    else:
+        precond.step_local(h, ctx.kernels, X, G, mom, lr, t + 1, wd, zhz)
+    return loss
 
 
 def synchronise(ctx, state: State, h: precond.Hyper, glob: bool, t: int):
@@ -133,9 +156,9 @@ def synchronise(ctx, state: State, h: precond.Hyper, glob: bool, t: int):
             parts.append(state.M)
     elif h.name == "identity" and state.M.shape[1]:
         parts.append(state.M)
-    mean = comm.mean(xp.concatenate(parts, axis=1) if len(parts) > 1 else X)
+    mean = comm.mean_many(parts)  # one all-reduce, no packed copy of the blocks
     xbar = mean[:d]
-    drift = comm.allreduce_scalars([float(((X - xbar[None, :]) ** 2).sum())])[0] / comm.n
+    drift = comm.allreduce_scalars([sq_dist_sum(X, xbar)])[0] / comm.n
     for k, target in enumerate(parts):
         target[...] = mean[k * d:(k + 1) * d][None, :]
     stats = {"client_drift": drift}
@@ -150,14 +173,19 @@ def synchronise(ctx, state: State, h: precond.Hyper, glob: bool, t: int):
         state.P[...] = Dnew
         lo, hi, med = float(Dnew.min()), float(Dnew.max()), float(xp.median(Dnew))
         clipped = float((Dnew <= limit).sum()) / d if ctx.cfg.optimizer.alpha > 0 else 0.0
-    else:
-        D = precond.diagonal(h, state.V, t + 1)  # each node its own
+    else:  # each node its own D_hat, summarised block by block (no (L, d) temporaries)
         change = float("nan")
-        lo = comm.allreduce_scalars([float(D.min())], op="min")[0]
-        hi = comm.allreduce_scalars([float(D.max())], op="max")[0]
-        med_sum, n_clipped = comm.allreduce_scalars([float(xp.median(D, axis=1).sum()),
-                                                     float((D <= limit).sum()) if ctx.cfg.optimizer.alpha > 0
-                                                     else 0.0])
+        mins, maxs, med_sum, n_clipped = [np.inf], [-np.inf], 0.0, 0.0
+        rows = max(1, CHUNK_FLOATS // max(1, d))
+        for a in range(0, X.shape[0], rows):
+            D = precond.diagonal(h, state.V[a:a + rows], t + 1)
+            mins.append(float(D.min()))
+            maxs.append(float(D.max()))
+            med_sum += float(xp.median(D, axis=1).sum())
+            n_clipped += float((D <= limit).sum()) if ctx.cfg.optimizer.alpha > 0 else 0.0
+        lo = comm.allreduce_scalars([min(mins)], op="min")[0]
+        hi = comm.allreduce_scalars([max(maxs)], op="max")[0]
+        med_sum, n_clipped = comm.allreduce_scalars([med_sum, n_clipped])
         med, clipped = med_sum / comm.n, n_clipped / (comm.n * d)
     stats.update({"dhat_min": lo, "dhat_max": hi, "dhat_median": med, "dhat_ratio": hi / lo if lo > 0 else np.inf,
                   "dhat_clipped": clipped, "dhat_change": change})

@@ -1,0 +1,122 @@
+"""Every benchmark, one table: `python -m bench [--quick] [--json FILE]`.
+
+Runs, each in its own process (the MPI ones under mpiexec), measuring hpcopt and its
+baseline in the same run:
+  kernels     fused Adam vs NumPy in place vs the two-core triad; mix_rows vs NumPy
+  comm        mix vs hand-written Isend/Irecv; mean vs raw Allreduce (4 ranks)
+  gloo        mean vs torch.distributed all_reduce (gloo) at 2/4/8 ranks, when torch is installed
+  simulation  256 nodes on one rank vs a per-node Python loop; 1 rank x 16 nodes vs 16 ranks x 1
+  memory      1024 nodes x d = 1e4 with Adam: peak allocation vs state bytes
+and prints one table of ratios with the targets, then saves it as JSON
+(default bench/results/bench.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _mpiexec():
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return here if os.path.exists(here) else shutil.which("mpiexec")
+
+
+def _run(cmd, tmp, name):
+    out = os.path.join(tmp, f"{name}.json")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.time()
+    proc = subprocess.run(cmd + ["--json", out], env=env, capture_output=True, text=True)
+    print(f"  {name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {name} failed:\n{proc.stderr[-2000:]}")
+    with open(out) as fh:
+        return json.load(fh)
+
+
+def gloo_rows():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return [{"bench": "gloo", "case": "mean vs torch.distributed gloo all_reduce", "hpcopt": None,
+                 "baseline": None, "ratio": None, "target": "< 1", "note": "skipped: torch is not installed "
+                 "(pip install torch to compare)"}]
+    return [{"bench": "gloo", "case": "mean vs torch.distributed gloo all_reduce", "hpcopt": None, "baseline": None,
+             "ratio": None, "target": "< 1", "note": "not measured: run bench/gloo.py under torchrun"}]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("--json", default=os.path.join(HERE, "results", "bench.json"))
+    args = p.parse_args()
+    py = sys.executable
+    mpiexec = _mpiexec()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        print("running benchmarks ...", file=sys.stderr)
+        for r in _run([py, os.path.join(HERE, "kernels.py")], tmp, "kernels"):
+            if r["kernel"] == "adam":
+                rows.append({"bench": "kernels", "case": f"fused adam d={r['d']:.0e}: GB/s vs triad",
+                             "hpcopt": r["GB/s"], "baseline": r["triad_GB/s"], "ratio": r["fraction_of_triad"],
+                             "target": ">= 0.8" if r["d"] == 10**7 else ""})
+                rows.append({"bench": "kernels", "case": f"fused adam d={r['d']:.0e}: speed vs NumPy in place",
+                             "hpcopt": r["ms"], "baseline": r["numpy_ms"], "ratio": r["speedup_vs_numpy"],
+                             "target": ">= 5" if r["d"] == 10**7 else ""})
+            else:
+                rows.append({"bench": "kernels", "case": f"{r['kernel']} d={r['d']:.0e}: speed vs NumPy",
+                             "hpcopt": r["ms"], "baseline": r["numpy_ms"], "ratio": r["speedup_vs_numpy"],
+                             "target": ""})
+        if mpiexec:
+            comm = _run([mpiexec, "-n", "4", py, os.path.join(HERE, "comm.py")], tmp, "comm")
+            for r in comm["rows"]:
+                tgt = {"mix ring": "<= 1.1" if r["d"] == 10**6 else "", "mean": "<= 1.05"}.get(r["op"], "")
+                rows.append({"bench": "comm", "case": f"{r['op']} d={r['d']:.0e} (ms, 4 ranks)",
+                             "hpcopt": r["hpcopt_ms"], "baseline": r["baseline_ms"], "ratio": r["ratio"],
+                             "target": tgt})
+        else:
+            rows.append({"bench": "comm", "case": "mix / mean", "note": "skipped: no mpiexec"})
+        rows += gloo_rows()
+        for r in _run([py, os.path.join(HERE, "simulation.py")], tmp, "simulation"):
+            rows.append({"bench": "simulation", "case": r["case"] + " (node-steps/s)", "hpcopt": r["hpcopt"],
+                         "baseline": r["baseline"], "ratio": r["ratio"], "target": f">= {r['target']:g}"})
+        for r in _run([py, os.path.join(HERE, "memory.py")], tmp, "memory"):
+            rows.append({"bench": "memory", "case": r["case"] + ": peak MB vs state MB", "hpcopt": r["peak_MB"],
+                         "baseline": r["state_MB"], "ratio": r["ratio"], "target": "<= 1.3"})
+    print(table(rows))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump({"time": time.time(), "rows": rows}, fh, indent=1)
+    print(f"saved {args.json}", file=sys.stderr)
+
+
+def met(r) -> str:
+    t, v = r.get("target") or "", r.get("ratio")
+    if not t or v is None:
+        return ""
+    op, num = t.split()
+    ok = {">=": v >= float(num), "<=": v <= float(num), "<": v < float(num)}[op]
+    return "yes" if ok else "NO"
+
+
+def table(rows) -> str:
+    def f(v):
+        return "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+    head = ["bench", "case", "hpcopt", "baseline", "ratio", "target", "met"]
+    body = [[r["bench"], r["case"] + (f"  [{r['note']}]" if r.get("note") else ""), f(r.get("hpcopt")),
+             f(r.get("baseline")), f(r.get("ratio")), r.get("target") or "", met(r)] for r in rows]
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
