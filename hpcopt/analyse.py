@@ -126,11 +126,14 @@ def per_rank_table(run: dict) -> str:
     m = run["metrics"]
     if "comm_seconds" not in m or not len(m["comm_seconds"]):
         return "no metrics yet"
-    comp, comm, sent = (np.asarray(m[k]).sum(axis=0) for k in ("compute_seconds", "comm_seconds", "bytes_sent"))
-    rows = [{"rank": r, "compute": comp[r], "comm": comm[r], "MB": sent[r] / 1e6,
+    comp, comm, sent = (np.nansum(np.asarray(m[k], float), axis=0)
+                        for k in ("compute_seconds", "comm_seconds", "bytes_sent"))
+    wait = (np.nansum(np.asarray(m["wait_seconds"], float), axis=0) if "wait_seconds" in m
+            else np.full_like(comm, np.nan))
+    rows = [{"rank": r, "compute": comp[r], "comm": comm[r], "wait": wait[r], "MB": sent[r] / 1e6,
              "share": comm[r] / max(1e-12, comm[r] + comp[r])} for r in range(len(comp))]
     cols = [("rank", "rank", "{}"), ("compute", "compute s", "{:.3f}"), ("comm", "comm s", "{:.3f}"),
-            ("MB", "MB sent", "{:.2f}"), ("share", "comm share", "{:.0%}")]
+            ("wait", "of which waiting s", "{:.3f}"), ("MB", "MB sent", "{:.2f}"), ("share", "comm share", "{:.0%}")]
     return format_table(rows, cols)
 
 

@@ -124,6 +124,7 @@ class Comm:
         self._cuda_aware: Optional[bool] = None
         self.cuda_aware_reason = "not needed: host arrays"
         self.counters: Dict[str, OpCounter] = {}
+        self.wait_seconds = 0.0  # time spent blocked in waits (part of the ops' seconds)
         self.step = -1  # set by the runner; named in timeout messages
         self._plans: Dict[int, Tuple[np.ndarray, MixPlan]] = {}
         self._pinned: Dict[Tuple, Any] = {}  # staging buffers and small cached operands
@@ -176,6 +177,13 @@ class Comm:
             return
         t0 = time.perf_counter()
         nap = 1e-5
+        try:
+            self._poll(requests, op, peers, t0, nap)
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
+
+    def _poll(self, requests, op, peers, t0, nap) -> None:
+        MPI = self.MPI
         while not MPI.Request.Testall(requests):
             waited = time.perf_counter() - t0
             if waited < self.spin:

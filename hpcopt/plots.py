@@ -21,7 +21,7 @@ from .config import ConfigError
 
 STANDARD = {
     "metrics": {"step", "lr", "wall", "train_loss", "train_loss_mean", "compute_seconds", "comm_seconds",
-                "bytes_sent"},
+                "bytes_sent", "wait_seconds", "bytes_mix", "bytes_move"},
     "eval": {"step", "test_loss", "test_accuracy", "node_test_loss", "node_test_accuracy", "consensus_distance"},
     "diag": {"step"},
 }

@@ -355,13 +355,14 @@ class Runner:
                                                       np.stack(buf["ops"], axis=0)], axis=1).ravel())
             if c.rank == 0:
                 rows = len(buf["step"])
-                pr = per_rank.reshape(c.size, rows, 3 + len(ops)).transpose(1, 0, 2)
+                pr = per_rank.reshape(c.size, rows, 4 + len(ops)).transpose(1, 0, 2)
                 self.rf.append("metrics", {
                     "step": np.array(buf["step"], np.int64), "lr": np.array(buf["lr"]),
                     "wall": np.array(buf["wall"]), "train_loss": per_node,
                     "train_loss_mean": per_node.mean(axis=1),
                     "compute_seconds": pr[:, :, 0], "comm_seconds": pr[:, :, 1], "bytes_sent": pr[:, :, 2],
                     **{f"bytes_{op}": pr[:, :, 3 + i] for i, op in enumerate(ops)},
+                    "wait_seconds": pr[:, :, 3 + len(ops)],
                     **{k: _column([row.get(k) for row in buf["extra"]]) for k in extra_names},
                 })
             for v in buf.values():
@@ -374,6 +375,7 @@ class Runner:
             self.faults.at_step(step, c.rank)
             bytes0, comm0 = c.totals()
             ops0 = c.bytes_by_op(ops)
+            wait0 = c.wait_seconds
             t0 = time.perf_counter()
             lr = optim.lr_at(cfg.optimizer, step, T)
             state, stats = self.algo.step(self.ctx, state, step, lr)
@@ -385,7 +387,7 @@ class Runner:
             buf["wall"].append(t1 - t_begin)
             buf["train_loss"].append(loss)
             buf["rank"].append([t1 - t0 - (comm1 - comm0), comm1 - comm0, bytes1 - bytes0])
-            buf["ops"].append([b1 - b0 for b0, b1 in zip(ops0, c.bytes_by_op(ops))])
+            buf["ops"].append([b1 - b0 for b0, b1 in zip(ops0, c.bytes_by_op(ops))] + [c.wait_seconds - wait0])
             buf["extra"].append({k: v for k, v in stats.items() if k in extra_names})
             steps_done += 1
             done = step + 1
