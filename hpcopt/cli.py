@@ -156,14 +156,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _finalize_mpi() -> None:
-    """End MPI cleanly on an exit that every rank reached together (config error, requeue).
-
-    Under `python -m mpi4py` a non-zero exit status otherwise turns into MPI_Abort, which
-    adds launcher noise to the one-line message.
-    """
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
+    if "mpi4py.MPI" in sys.modules:  # only when this run started MPI
+        from .comm import finalize_if_started
+        finalize_if_started()
 
 
 def main(argv=None) -> int:
@@ -185,9 +180,8 @@ def main(argv=None) -> int:
     except Exception:  # noqa: BLE001 -- last resort: make every rank stop, not hang
         traceback.print_exc()
         if "mpi4py.MPI" in sys.modules:
-            from mpi4py import MPI
-            if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
-                MPI.COMM_WORLD.Abort(1)
+            from .comm import abort_if_started
+            abort_if_started(1)
         return 1
 
 

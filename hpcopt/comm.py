@@ -86,6 +86,37 @@ class CommTimeout(RuntimeError):
     pass
 
 
+def world_size() -> int:
+    """Number of ranks in the job (initialises MPI on first use)."""
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_size()
+
+
+def library_versions() -> Dict[str, str]:
+    import mpi4py
+    from mpi4py import MPI
+    return {"mpi_vendor": MPI.Get_library_version().splitlines()[0].strip(), "mpi4py_version": mpi4py.__version__}
+
+
+def finalize_if_started() -> None:
+    """End MPI cleanly on an exit every rank reached together (config error, requeue).
+
+    Under `python -m mpi4py` a non-zero exit status otherwise turns into MPI_Abort, which
+    adds launcher noise to the one-line message.
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+
+
+def abort_if_started(code: int) -> None:
+    """Abort the whole job after an unexpected error on this rank, instead of letting the
+    other ranks hang in their next collective."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+        mpi.COMM_WORLD.Abort(code)
+
+
 def detect_cuda_aware() -> Tuple[bool, str]:
     """Whether the loaded MPI library accepts device pointers, and how we know."""
     try:

@@ -18,6 +18,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from . import __version__, algorithms, metrics, models, optim, store
+from . import comm as comm_mod
 from . import config as config_mod
 from . import data as data_mod
 from . import topology as topology_mod
@@ -131,10 +132,9 @@ class Runner:
             print(text, file=self.out, flush=True)
 
     def setup(self) -> None:
-        from mpi4py import MPI
         cfg = self.cfg
         n = cfg.nodes.n
-        size = MPI.COMM_WORLD.Get_size()
+        size = comm_mod.world_size()
         if size > n:
             raise ConfigError(f"nodes.n = {n} is not allowed: the job has {size} ranks and every rank "
                               f"needs at least one node (use nodes.n >= {size} or fewer ranks)")
@@ -179,12 +179,10 @@ class Runner:
 
     def attrs(self) -> Dict[str, object]:
         import h5py
-        from mpi4py import MPI
         c = self.comm
         return {
             "hpcopt_version": __version__, "numpy_version": np.__version__, "h5py_version": h5py.__version__,
-            "mpi_vendor": MPI.Get_library_version().splitlines()[0].strip(),
-            "mpi4py_version": __import__("mpi4py").__version__,
+            **comm_mod.library_versions(),
             "cuda_aware": str(c.cuda_aware) if self.backend.on_gpu else "not needed (host arrays)",
             "cuda_aware_source": c.cuda_aware_reason if self.backend.on_gpu else "",
             "ranks": c.size, "nodes": c.n, "placement": c.placement.starts,
