@@ -11,8 +11,9 @@ QUICK = str(REPO / "configs" / "quickstart.yaml")
 def final_state(run_dir, fields):
     info, _ = store.latest(str(run_dir))
     assert info is not None
-    return info, store.read_state(str(run_dir), info, 0, info["nodes"], [f for f in fields if f in ("X", "M")],
-                                  [f for f in fields if f in ("x", "m")])
+    replicated = [f for f in fields if f in ("x", "m")]  # sync SGD's single model
+    return info, store.read_state(str(run_dir), info, 0, info["nodes"], [f for f in fields if f not in replicated],
+                                  replicated)
 
 
 @pytest.mark.parametrize("algo, fields", [("dsgd", ["X", "M"]), ("sync_sgd", ["x", "m"])])
