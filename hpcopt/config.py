@@ -191,7 +191,10 @@ class AlgorithmCfg:
     name: Algorithm = _f(Algorithm.dsgd, "method family")
     order: Order = _f(Order.combine_then_adapt, "dsgd: combine_then_adapt (DPSGD) or adapt_then_combine")
     overlap: bool = _f(True, "dsgd combine_then_adapt: compute gradients while neighbour rows are in flight")
-    local_steps: int = _f(1, "local_sgd: local steps H between averages", gt=0)
+    local_steps: int = _f(1, "local_sgd: local steps H between averages (the first round's H with a schedule)",
+                          gt=0)
+    local_steps_final: int = _f(0, "local_sgd: H grows linearly from local_steps to this over the run "
+                                   "(0: H constant)", ge=0)
     scaling: ScalingMode = _f(ScalingMode.global_, "local_sgd: global (D_hat frozen per round, from averaged "
                                                    "statistics) or local (each node its own D_hat every step)")
     sync_moments: SyncMoments = _f(SyncMoments.average, "local_sgd with local scaling: average the moments at "

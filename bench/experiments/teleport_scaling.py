@@ -19,6 +19,11 @@ Gradient evaluations per iteration differ: n for D-SGD, k for Teleportation.
 
 The harness runs the same mixing matrices and schedules as hpcopt, vectorised over
 (lr, seed) in NumPy, so the whole study takes minutes.
+
+Part (b), with the engine itself (configs/teleport_digits.yaml): digits over n = 32 nodes
+split by Dirichlet alpha in {0.1, 10}, softmax regression, D-SGD on a ring against
+Teleportation (k from the k search): test accuracy of the average model against step;
+iterations are not gradient evaluations (32 per D-SGD step, k per Teleportation step).
 Run:  python bench/experiments/teleport_scaling.py [--out bench/results]
 """
 from __future__ import annotations
@@ -145,14 +150,67 @@ def k_search(n, zeta, T, seeds, lrs=LRS):
     return min(scores, key=lambda k: scores[k])
 
 
+def digits_part(out: str, steps: int = 1000) -> list:
+    import io
+    import tempfile
+
+    from hpcopt import config as config_mod
+    from hpcopt import runner, store
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "teleport_digits.yaml")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for alpha in (0.1, 10.0):
+            for algo in ("dsgd", "teleport"):
+                cfg = config_mod.load(path, [f"data.alpha={alpha}", f"algorithm.name={algo}", f"run.steps={steps}",
+                                             "run.eval_every=50", "run.progress=false"])
+                run_dir = os.path.join(tmp, f"{algo}-{alpha}")
+                runner.Runner(cfg, "", run_dir, out=io.StringIO()).run()
+                run = store.read_run(run_dir)
+                k = int(run["metrics"]["token_node"].shape[1]) if algo == "teleport" else 32
+                rows.append({"alpha": alpha, "method": "D-SGD ring" if algo == "dsgd" else f"Teleportation k={k}",
+                             "k": k, "step": run["eval"]["step"].tolist(),
+                             "test_accuracy": run["eval"]["test_accuracy"].tolist()})
+    print("\n(b) digits, n = 32: test accuracy of the average model (gradient evaluations per step in brackets)")
+    for r in rows:
+        acc = r["test_accuracy"]
+        mid = acc[len(acc) // 4]
+        print(f"  alpha={r['alpha']:<4g} {r['method']:<20} [{r['k']:>2}/step]  step {r['step'][len(acc) // 4]}: "
+              f"{mid:.3f}   final ({r['step'][-1]}): {acc[-1]:.3f}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+        for ax, alpha in zip(axes, (0.1, 10.0)):
+            for r in rows:
+                if r["alpha"] == alpha:
+                    ax.plot(r["step"], r["test_accuracy"], marker="o", markersize=3, label=r["method"])
+            ax.set_title(f"digits, n = 32, Dirichlet alpha = {alpha:g}")
+            ax.set_xlabel("step")
+            ax.set_ylabel("test accuracy (average model)")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "teleport_digits.png"))
+    except ImportError:
+        pass
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results")
     p.add_argument("--target", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--search-steps", type=int, default=300)
+    p.add_argument("--only", choices=["quadratics", "digits"], default=None)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.only != "quadratics":
+        digits = digits_part(args.out)
+        with open(os.path.join(args.out, "teleport_digits.json"), "w") as fh:
+            json.dump(digits, fh, indent=1)
+        if args.only == "digits":
+            return
     t0 = time.time()
     tune_seeds, fresh_seeds = (0, 1), (10, 11, 12)
     rows = []

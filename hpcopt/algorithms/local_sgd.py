@@ -1,8 +1,9 @@
 """Local SGD with diagonal scaling (Chezhegov et al. 2024, arXiv 2406.00846).
 
 Every node takes H = `algorithm.local_steps` steps on its own data, then all nodes
-average their parameters (one all-reduce). Steps are divided by a clipped diagonal
-D_hat (see hpcopt.precond):
+average their parameters (one all-reduce). With `algorithm.local_steps_final` H grows
+linearly over the run (each round keeps the H it started with; see `round_ends`).
+Steps are divided by a clipped diagonal D_hat (see hpcopt.precond):
 * `algorithm.scaling: global` (the analysed form): each node updates its moments every
   step, but the step uses D_hat frozen for the round; at synchronisation the statistic
   is averaged across nodes in the same all-reduce as the parameters (one buffer) and
@@ -41,6 +42,30 @@ class State(NamedTuple):
     V: object  # (L, d) scaling statistic (EMA), else (L, 0)
     D: object  # (L, d) frozen D_hat of the round (global scaling), else (L, 0)
     P: object  # (L, d) D_hat at the previous synchronisation (for dhat_change), else (L, 0)
+
+
+def round_ends(h0: int, h1: int, total: int) -> np.ndarray:
+    """Steps after which the nodes synchronise: H constant (h1 = 0) or growing linearly
+    from h0 at step 0 to h1 at the last step (each round's H fixed at its start)."""
+    if h1 <= 0:
+        return np.arange(h0, total + h0, h0)
+    ends, t = [], 0
+    while t < total:
+        t += max(1, int(round(h0 + (h1 - h0) * t / max(1, total))))
+        ends.append(t)
+    return np.asarray(ends)
+
+
+def _sync_round(ctx, t: int) -> int:
+    """Round number (1-based) if step t ends a round, else 0 (pure in t; cached)."""
+    a = ctx.cfg.algorithm
+    key = ("local_sgd_rounds", a.local_steps, a.local_steps_final, ctx.cfg.run.steps)
+    ends = ctx.workspace.get(key)
+    if ends is None:
+        ends = round_ends(a.local_steps, a.local_steps_final, ctx.cfg.run.steps)
+        ctx.workspace[key] = ends
+    i = int(np.searchsorted(ends, t + 1))
+    return i + 1 if i < len(ends) and ends[i] == t + 1 else 0
 
 
 def _hyper(ctx) -> precond.Hyper:
@@ -116,11 +141,11 @@ def step(ctx, state: State, t: int, lr: float):
         hi = min(L, lo + rows)
         loss[lo:hi] = _local_step(ctx, state, h, glob, t, lr, lo, hi)
     stats = {"loss": loss}
-    H = cfg.algorithm.local_steps
-    if (t + 1) % H == 0:
+    r = _sync_round(ctx, t)
+    if r:
         state, round_stats = synchronise(ctx, state, h, glob, t)
         stats.update(round_stats)
-        stats["rounds"] = (t + 1) // H
+        stats["rounds"] = r
     extra = 2 if precond.needs_hvp(h) else 1
     probes = cfg.optimizer.probes * extra if precond.warm_started(h, glob) else 0
     stats["gradient_evals"] = float(ctx.comm.n * ((t + 1) * extra + probes))

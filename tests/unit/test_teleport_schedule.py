@@ -49,3 +49,11 @@ def test_node_mixing_matrix_embeds_the_token_graph():
     assert np.array_equal(W[np.ix_(idle, idle)], np.eye(4))
     two = teleport.node_mixing_matrix(8, np.array([3, 1, 6]), [np.ones((1, 1)), np.full((2, 2), 0.5)])
     assert two[3, 3] == 1 and two[1, 6] == 0.5 and two[3, 1] == 0
+
+
+def test_local_sgd_round_schedule():
+    from hpcopt.algorithms.local_sgd import round_ends
+    assert round_ends(5, 0, 20).tolist() == [5, 10, 15, 20]
+    ends = round_ends(1, 21, 100)
+    gaps = np.diff(np.concatenate([[0], ends]))
+    assert gaps[0] == 1 and gaps[-1] > 10 and np.all(np.diff(gaps) >= 0) and ends[-1] >= 100
