@@ -55,6 +55,22 @@ class Algorithm(str, enum.Enum):
     dsgd = "dsgd"
     local_sgd = "local_sgd"
     teleport = "teleport"
+    hybrid = "hybrid"
+
+
+class Threshold(str, enum.Enum):
+    step = "step"
+    linear = "linear"
+    constant = "constant"
+
+
+class Aggregate(str, enum.Enum):
+    mean = "mean"
+    sum = "sum"
+
+
+class Clock(str, enum.Enum):
+    simulated = "simulated"
 
 
 class Scaling(str, enum.Enum):
@@ -203,6 +219,20 @@ class AlgorithmCfg:
                 ge=0, aliases={"auto": 0})
     teleport: bool = _f(True, "teleport: move the tokens to freshly sampled nodes every step (false: ablation)")
     search_steps: int = _f(200, "teleport with k auto: iterations T of each of the two search batches", gt=0)
+    threshold: Threshold = _f(Threshold.step, "hybrid: K schedule: step (K0 + inc * floor(received / k_every)), "
+                                              "linear in time (to W at k_ramp seconds) or constant (K0)")
+    k0: int = _f(1, "hybrid: starting (or constant) threshold K0; 1 = asynchronous, nodes.n = synchronous", gt=0)
+    k_increment: int = _f(1, "hybrid, threshold step: K grows by this", gt=0)
+    k_every: int = _f(300, "hybrid, threshold step: gradients received per increment (S)", gt=0)
+    k_ramp: float = _f(60.0, "hybrid, threshold linear: seconds until K = W", gt=0)
+    aggregate: Aggregate = _f(Aggregate.mean, "hybrid: apply the mean or the sum of the buffered gradients")
+    clock: Clock = _f(Clock.simulated, "hybrid: simulated (deterministic discrete-event clock)")
+    compute_time: float = _f(0.01, "hybrid, simulated clock: seconds one gradient takes", gt=0)
+    delay_fraction: float = _f(0.5, "hybrid: fraction of workers with injected delays", ge=0, le=1)
+    delay_std: float = _f(0.25, "hybrid: injected delay per gradient |N(0, s)| seconds on delayed workers", ge=0)
+    budget_seconds: float = _f(0.0, "hybrid: (simulated) seconds of training (0: use budget_gradients)", ge=0)
+    budget_gradients: int = _f(0, "hybrid: gradients received before stopping (0: use budget_seconds)", ge=0)
+    time_grid: float = _f(0.0, "hybrid: seconds between metric rows (0: budget / 50)", ge=0)
     noise: Noise = _f(Noise.none, "sync_sgd: add isotropic Gaussian noise to the averaged gradient: none, fixed "
                                   "(norm noise_std) or matched (norm = a run's /diag/grad_deviation)")
     noise_std: float = _f(0.0, "sync_sgd with noise fixed: expected norm of the added noise", ge=0)
@@ -403,6 +433,12 @@ def validate(cfg: Config) -> None:
     if any(m <= 0 for m in ms) or list(ms) != sorted(ms):
         raise _bad("optimizer.milestones", list(ms), "must be increasing positive steps")
     alg = cfg.algorithm
+    if alg.name is Algorithm.hybrid:
+        if alg.budget_seconds <= 0 and alg.budget_gradients <= 0:
+            raise _bad("algorithm.budget_seconds", alg.budget_seconds, "hybrid needs budget_seconds > 0 or "
+                                                                       "budget_gradients > 0")
+        if alg.k0 > n:
+            raise _bad("algorithm.k0", alg.k0, f"at most nodes.n = {n} (the number of workers)")
     if alg.noise is not Noise.none and alg.name is not Algorithm.sync_sgd:
         raise _bad("algorithm.noise", alg.noise.value, "the noise baseline is for algorithm.name: sync_sgd")
     if alg.noise is Noise.fixed and alg.noise_std <= 0:

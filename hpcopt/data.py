@@ -59,17 +59,19 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def keyed_bits(seed: int, nodes: Sequence[int], step: int, count: int, stream: int = 0) -> np.ndarray:
-    """(len(nodes), count) uint64 random words, a pure function of (seed, stream, node, step, j)."""
+def keyed_bits(seed: int, nodes: Sequence[int], step, count: int, stream: int = 0) -> np.ndarray:
+    """(len(nodes), count) uint64 random words, a pure function of (seed, stream, node, step, j);
+    `step` is one integer or one per node."""
     with np.errstate(over="ignore"):
         k = _mix64(np.array([seed], np.uint64) * _GOLDEN + np.uint64(stream))
         k = _mix64(k ^ (np.asarray(nodes, np.uint64)[:, None] * _GOLDEN + np.uint64(1)))
-        k = _mix64(k ^ (np.uint64(step) * _GOLDEN + np.uint64(2)))
+        steps = np.asarray(step, np.uint64).reshape(-1, 1)  # one step for all nodes, or one per node
+        k = _mix64(k ^ (steps * _GOLDEN + np.uint64(2)))
         j = np.arange(count, dtype=np.uint64)[None, :]
         return _mix64(k + (j + np.uint64(1)) * _GOLDEN)
 
 
-def keyed_ints(seed: int, nodes: Sequence[int], step: int, count: int, high: np.ndarray,
+def keyed_ints(seed: int, nodes: Sequence[int], step, count: int, high: np.ndarray,
                stream: int = 0) -> np.ndarray:
     """Uniform integers in [0, high[node]) of shape (len(nodes), count)."""
     bits = keyed_bits(seed, nodes, step, count, stream)
@@ -321,6 +323,18 @@ class NodeData:
     def batch_indices(self, step: int, stream: int = 0, rows=None) -> np.ndarray:
         sel = slice(None) if rows is None else np.asarray(rows)
         return keyed_ints(self.seed, self.nodes[sel], step, self.batch_size, self.counts[sel], stream)
+
+    def batch_for(self, rows, steps):
+        """Minibatches of the given local rows, row i drawn as at step steps[i]."""
+        rows = np.asarray(rows)
+        B = self.batch_size
+        if not B:
+            r = self.xp.asarray(rows)
+            return tuple(a[r] for a in self._full)
+        idx = keyed_ints(self.seed, self.nodes[rows], np.asarray(steps), B, self.counts[rows])
+        flat = self.xp.asarray((idx + self._offsets[rows]).ravel())
+        A = self._flat_X.take(flat, axis=0).reshape(len(rows), B, -1)
+        return A, self._flat_y.take(flat).reshape(len(rows), B), self._w[:len(rows)]
 
     def batch(self, step: int, stream: int = 0, rows=None, batch_size=None):
         """Minibatch of `step` for all local nodes, or for the local `rows` given (the

@@ -161,6 +161,9 @@ class Runner:
         self.algo = algorithms.get(cfg.algorithm.name.value)
         self.ctx = algorithms.Context(cfg, comm, self.backend, self.kernels, self.model, self.node_data,
                                       self.topology, {"validation": (self.X_test, self.y_test)})
+        if cfg.algorithm.name.value == "hybrid":  # the simulation runs every worker on every rank
+            self.ctx.workspace["all_nodes"] = data_mod.NodeData(self.backend.xp, ds, self.parts, range(n),
+                                                                cfg.data.batch_size, cfg.run.seed)
         if cfg.algorithm.noise.value == "matched":
             self.ctx.workspace["noise_schedule"] = self.noise_schedule(cfg.algorithm.noise_run)
 
@@ -328,8 +331,63 @@ class Runner:
                  f"model {self.model.kind} (d = {self.model.d}), data {self.dataset.name}, "
                  f"device {self.backend.device_name}, kernels {self.kernels.impl} -> {self.run_dir}")
         c.step = start - 1
+        if cfg.algorithm.name.value == "hybrid":
+            return self.run_hybrid(state)
         code = self.loop(state, start)
         return code
+
+    def run_hybrid(self, state) -> int:
+        """Drive the hybrid parameter server's simulated clock; metrics on its time grid."""
+        from .algorithms import hybrid
+        c = self.comm
+        grid: Dict[str, list] = {k: [] for k in ("time", "version", "received", "K", "buffer", "train_loss",
+                                                 "test_loss", "test_accuracy")}
+        w_test = self.w_test
+
+        def on_grid(row):
+            theta = row.pop("theta")
+            for k, v in row.items():
+                grid[k].append(v)
+            if c.rank == 0:
+                grid["test_loss"].append(float(self.backend.to_host(
+                    self.model.loss(theta[None, :], self.X_test, self.y_test, w_test))[0]))
+                grid["test_accuracy"].append(float(self.backend.to_host(
+                    self.model.accuracy(theta[None, :], self.X_test, self.y_test))[0]))
+
+        t0 = time.perf_counter()
+        res = hybrid.simulate(self.ctx, state, on_grid)
+        wall = time.perf_counter() - t0
+        self.state = state
+        self.checkpoint(state, res["updates"])
+        if c.rank == 0:
+            steps = np.asarray(grid["version"], np.int64)
+            self.rf.append("metrics", {"step": steps, "wall": np.asarray(grid["time"]),
+                                       "train_loss_mean": np.asarray(grid["train_loss"]),
+                                       "K": np.asarray(grid["K"], np.float64),
+                                       "buffer": np.asarray(grid["buffer"], np.float64),
+                                       "received": np.asarray(grid["received"], np.float64)})
+            self.rf.append("eval", {"step": steps, "time": np.asarray(grid["time"]),
+                                    "test_loss": np.asarray(grid["test_loss"]),
+                                    "test_accuracy": np.asarray(grid["test_accuracy"])})
+            values, counts = np.unique(res["staleness"], return_counts=True)
+            self.rf.write_table("staleness", {"staleness": values, "count": counts})
+            self.rf.write_table("workers", {"worker": np.arange(c.n), "delayed": res["delayed"].astype(np.int64),
+                                            **{k: v for k, v in res["workers"].items()}})
+            acc = grid["test_accuracy"][-1] if grid["test_accuracy"] else float("nan")
+            summary = {"steps": res["updates"], "updates": res["updates"], "received": res["received"],
+                       "dropped": res["dropped"], "applied": res["applied"], "in_flight": res["in_flight"],
+                       "simulated_seconds": res["end_time"],
+                       "updates_per_second": res["updates"] / max(1e-12, res["end_time"]),
+                       "final_test_accuracy": acc, "best_test_accuracy": float(np.nanmax(grid["test_accuracy"])),
+                       "final_test_loss": grid["test_loss"][-1], "wall_seconds": wall,
+                       "mean_staleness": float(res["staleness"].mean()) if res["staleness"].size else 0.0,
+                       "bytes_per_node": 0.0, "consensus_distance": 0.0, "steps_this_session": res["updates"]}
+            self.rf.set_summary(summary)
+            self.rf.event(res["updates"], "finished", f"simulated {res['end_time']:.3g} s: {res['updates']} "
+                                                      f"updates from {res['received']} gradients")
+            self.say(summary_table(self.cfg, summary, c.size) + f"\n  updates / gradients received     "
+                     f"{res['updates']} / {res['received']} (mean staleness {summary['mean_staleness']:.2f})")
+        return 0
 
     def loop(self, state, start: int) -> int:
         cfg, c, b = self.cfg, self.comm, self.backend

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from . import dsgd, local_sgd, sync_sgd, teleport
+from . import dsgd, hybrid, local_sgd, sync_sgd, teleport
 
-REGISTRY = {"sync_sgd": sync_sgd, "dsgd": dsgd, "local_sgd": local_sgd, "teleport": teleport}
+REGISTRY = {"sync_sgd": sync_sgd, "dsgd": dsgd, "local_sgd": local_sgd, "teleport": teleport, "hybrid": hybrid}
 
 
 class Context(NamedTuple):

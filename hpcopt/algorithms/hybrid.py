@@ -1,0 +1,166 @@
+"""Hybrid asynchronous -> synchronous parameter-server SGD (Vora, Joshi, Patel 2024,
+arXiv 2407.00101), on a deterministic simulated clock.
+
+W workers (the run's nodes) pull the parameters theta, compute a minibatch gradient on
+their own data, and push it tagged with the version they read. The server buffers
+gradients; as soon as the buffer holds K or more it applies their mean (or sum,
+`algorithm.aggregate`) as one update and releases exactly the workers whose gradients
+were used, which pull the new theta. The threshold K follows a schedule:
+  step      K = min(W, K0 + K_inc * floor(u / S)), u = gradients received (the paper's);
+  linear    K = min(W, K0 + (W - K0) * time / ramp)  (rounded down);
+  constant  K = K0: K = 1 is asynchronous SGD, K = W synchronous SGD, one code path.
+Defaults where the paper leaves a choice: K0 = 1, increment 1, mean, and delays
+|N(0, s)| (negative draws folded) added per gradient on a fixed fraction of the workers.
+
+Clock `simulated`: a discrete-event simulation. A gradient takes `compute_time` seconds
+plus its injected delay; events are processed in time order (ties by worker id), so a
+run is reproducible to the bit and independent of the number of ranks (every rank runs
+the same simulation over all workers' data; rank 0 records it). Workers released
+together read the same theta and compute their gradients as one batch; the buffered
+gradients are combined in worker order with the same fused row-sum as `comm.mean`, so
+K = W reproduces synchronous SGD exactly. Staleness of an applied gradient = server
+version at the update minus the version the worker read.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Callable, Dict, NamedTuple
+
+import numpy as np
+
+from .. import optim
+from ..data import keyed_bits, step_rng
+
+SHARDED: tuple = ()
+
+
+class State(NamedTuple):
+    theta: object  # (d,) the server's parameters
+    m: object  # (d,) momentum buffer, or (0,)
+
+
+def threshold(alg, W: int, received: int, now: float) -> int:
+    """K for the next update: a pure function of gradients received and time."""
+    kind = alg.threshold.value
+    if kind == "constant":
+        k = alg.k0
+    elif kind == "step":
+        k = alg.k0 + alg.k_increment * (received // alg.k_every)
+    else:
+        k = alg.k0 + int((W - alg.k0) * now / alg.k_ramp)
+    return int(max(1, min(W, k)))
+
+
+def delayed_workers(seed: int, W: int, fraction: float) -> np.ndarray:
+    """Which workers get injected delays: a seeded choice of round(fraction * W)."""
+    mask = np.zeros(W, bool)
+    mask[step_rng(seed, 0, 23).permutation(W)[:int(round(fraction * W))]] = True
+    return mask
+
+
+def injected_delay(seed: int, worker: int, count: int, std: float) -> float:
+    """|N(0, std)| for the count-th gradient of a worker (Box-Muller on keyed bits)."""
+    bits = keyed_bits(seed, [worker], count, 2, stream=29)[0]
+    u1, u2 = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+    return float(abs(std * np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)))
+
+
+def row_mean(ctx, G, scale: float):
+    """scale * sum of G's rows in row order: the fused row-sum `comm.mean` uses."""
+    K, d = G.shape
+    xp = ctx.backend.xp
+    out = ctx.backend.empty((d,))
+    ctx.kernels.mix_rows(out.reshape(1, d), G, ctx.backend.empty((0, d)), xp.asarray(np.array([0, K], np.int64)),
+                         xp.asarray(np.arange(K, dtype=np.int64)), xp.asarray(np.full(K, scale, np.float32)))
+    return out
+
+
+def init(ctx, x0) -> State:
+    b = ctx.backend
+    theta = b.asarray(x0).copy()
+    return State(theta, b.zeros(theta.shape if optim.uses_momentum(ctx.cfg.optimizer) else (0,)))
+
+
+def simulate(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
+    """Run the whole simulated budget; `on_grid(row)` is called at every grid time."""
+    cfg, alg, b, xp = ctx.cfg, ctx.cfg.algorithm, ctx.backend, ctx.backend.xp
+    W = ctx.comm.n
+    data, model = ctx.workspace["all_nodes"], ctx.model
+    seed = cfg.run.seed
+    slow = delayed_workers(seed, W, alg.delay_fraction)
+    budget_t = alg.budget_seconds if alg.budget_seconds > 0 else np.inf
+    budget_g = alg.budget_gradients if alg.budget_gradients > 0 else np.inf
+    grid_dt = alg.time_grid if alg.time_grid > 0 else (budget_t / 50 if np.isfinite(budget_t) else 1.0)
+    d = state.theta.shape[0]
+    grads = b.zeros((W, d))
+    losses = np.zeros(W)
+    read = np.zeros(W, np.int64)  # version each worker's current gradient was computed at
+    count = np.zeros(W, np.int64)  # gradients each worker has computed
+    stats = {k: np.zeros(W) for k in ("sent", "compute_seconds", "delay_seconds", "blocked_seconds")}
+    sent_at = np.zeros(W)
+    events: list = []
+    version, received, now = 0, 0, 0.0
+    buffer: list = []
+    staleness: list = []
+    buffer_sizes: list = []
+    lr_total = cfg.run.steps
+
+    def release(workers: np.ndarray, t: float) -> None:
+        rows = np.sort(workers)
+        if not len(rows):
+            return
+        A, y, w = data.batch_for(rows, count[rows])  # keyed by (seed, worker, gradient count)
+        X = xp.broadcast_to(state.theta[None, :], (len(rows), d))
+        loss, G = model.loss_grad(X, A, y, w)
+        grads[xp.asarray(rows)] = G
+        losses[rows] = b.to_host(loss)
+        for r in rows:
+            delay = injected_delay(seed, int(r), int(count[r]), alg.delay_std) if slow[r] else 0.0
+            stats["blocked_seconds"][r] += t - sent_at[r] if count[r] else 0.0
+            stats["compute_seconds"][r] += alg.compute_time
+            stats["delay_seconds"][r] += delay
+            read[r] = version
+            heapq.heappush(events, (t + alg.compute_time + delay, int(r)))
+            count[r] += 1
+
+    next_grid = 0.0
+
+    def emit_until(t: float) -> None:
+        nonlocal next_grid
+        while next_grid <= min(t, budget_t):
+            on_grid({"time": next_grid, "version": version, "received": received,
+                     "K": threshold(alg, W, received, next_grid), "buffer": len(buffer),
+                     "train_loss": float(losses[count > 0].mean()) if (count > 0).any() else np.nan,
+                     "theta": state.theta})
+            next_grid += grid_dt
+
+    release(np.arange(W), 0.0)
+    while events:
+        t, r = heapq.heappop(events)
+        if t > budget_t or received >= budget_g:
+            heapq.heappush(events, (t, r))
+            break
+        emit_until(t)
+        now = t
+        received += 1
+        stats["sent"][r] += 1
+        sent_at[r] = t
+        buffer.append(r)
+        if len(buffer) >= threshold(alg, W, received, now):
+            rows = np.sort(np.asarray(buffer))
+            buffer_sizes.append(len(rows))
+            staleness.extend((version - read[rows]).tolist())
+            G = grads[xp.asarray(rows)]
+            g = row_mean(ctx, G, 1.0 if alg.aggregate.value == "sum" else 1.0 / len(rows))
+            lr = optim.lr_at(cfg.optimizer, version, lr_total)
+            optim.apply(ctx.kernels, state.theta, g, state.m, lr, cfg.optimizer)
+            version += 1
+            buffer = []
+            release(rows, now)
+    end = now if not np.isfinite(budget_t) else budget_t
+    emit_until(end)
+    # every received gradient is applied once or dropped (still buffered at the end);
+    # gradients being computed at the end were never sent
+    return {"updates": version, "received": received, "dropped": len(buffer), "in_flight": len(events),
+            "applied": len(staleness), "staleness": np.asarray(staleness),
+            "buffer_sizes": np.asarray(buffer_sizes), "workers": stats, "delayed": slow, "end_time": end}

@@ -1,0 +1,61 @@
+"""Hybrid async->sync parameter server on the simulated clock."""
+import numpy as np
+
+from hpcopt import config, store
+from hpcopt.algorithms import hybrid
+from tests.helpers import REPO, check, run_hpcopt_mpi
+
+QUICK = str(REPO / "configs" / "quickstart.yaml")
+BASE = ["--set", "algorithm.name=hybrid", "--set", "nodes.n=8", "--set", "optimizer.schedule=constant",
+        "--set", "optimizer.lr=0.2", "--set", "run.steps=30"]
+
+
+def theta(run_dir):
+    info, _ = store.latest(str(run_dir))
+    return info, store.read_state(str(run_dir), info, 0, info["nodes"], [], ["theta"])["theta"]
+
+
+def test_k_equal_w_is_sync_sgd_exactly_with_zero_staleness(tmp_path):
+    check(run_hpcopt_mpi(1, ["run", QUICK, "--out", tmp_path / "h", *BASE, "--set", "algorithm.threshold=constant",
+                             "--set", "algorithm.k0=8", "--set", "algorithm.budget_gradients=240"]))
+    check(run_hpcopt_mpi(1, ["run", QUICK, "--out", tmp_path / "s", "--set", "algorithm.name=sync_sgd",
+                             "--set", "nodes.n=8", "--set", "optimizer.schedule=constant", "--set", "optimizer.lr=0.2",
+                             "--set", "run.steps=30"]))
+    info, th = theta(tmp_path / "h")
+    assert info["step"] == 30
+    x = store.read_state(str(tmp_path / "s"), store.latest(str(tmp_path / "s"))[0], 0, 8, [], ["x"])["x"]
+    assert np.array_equal(th, x)
+    run = store.read_run(str(tmp_path / "h"))
+    assert run["tables"]["staleness"]["staleness"].tolist() == [0]
+    s = run["summary"]
+    assert s["received"] == 240 and s["applied"] == 240 and s["dropped"] == 0
+
+
+def test_simulated_clock_is_reproducible_on_any_number_of_ranks(tmp_path):
+    args = [*BASE, "--set", "algorithm.budget_seconds=20", "--set", "algorithm.k_every=50"]
+    finals = []
+    for ranks, name in ((1, "a"), (1, "b"), (2, "c")):
+        check(run_hpcopt_mpi(ranks, ["run", QUICK, "--out", tmp_path / name, *args]))
+        finals.append(theta(tmp_path / name)[1])
+    assert np.array_equal(finals[0], finals[1]) and np.array_equal(finals[0], finals[2])
+    run = store.read_run(str(tmp_path / "a"))
+    K = run["metrics"]["K"]
+    assert K[0] == 1 and np.all(np.diff(K) >= 0) and K[-1] > 1  # rising threshold
+    st = run["tables"]["staleness"]
+    assert st["staleness"].max() > 0  # asynchronous phase: stale gradients were applied
+    w = run["tables"]["workers"]
+    s = run["summary"]
+    assert w["sent"].sum() == s["received"] == s["applied"] + s["dropped"]  # each gradient applied once or dropped
+    assert np.all(w["delay_seconds"][w["delayed"] == 0] == 0) and w["delay_seconds"][w["delayed"] == 1].min() > 0
+
+
+def test_threshold_and_delay_model_are_pure():
+    alg = config.from_dict({"algorithm": {"name": "hybrid", "budget_seconds": 1, "k0": 2, "k_every": 10}}).algorithm
+    assert [hybrid.threshold(alg, 4, u, 0.0) for u in (0, 9, 10, 25, 1000)] == [2, 2, 3, 4, 4]
+    lin = config.from_dict({"algorithm": {"name": "hybrid", "budget_seconds": 1, "threshold": "linear",
+                                          "k_ramp": 10}}).algorithm
+    assert [hybrid.threshold(lin, 5, 0, t) for t in (0, 2.5, 5, 10, 99)] == [1, 2, 3, 5, 5]
+    d = [hybrid.injected_delay(3, 1, k, 0.25) for k in range(4000)]
+    assert min(d) >= 0 and abs(np.mean(d) - 0.25 * np.sqrt(2 / np.pi)) < 0.01
+    assert d[:5] == [hybrid.injected_delay(3, 1, k, 0.25) for k in range(5)]
+    assert hybrid.delayed_workers(0, 25, 0.5).sum() == 12
