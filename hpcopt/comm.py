@@ -40,13 +40,18 @@ TAG_MIX, TAG_MOVE = 11, 12
 
 
 class Placement:
-    """Contiguous block placement of n nodes over `size` ranks (uneven allowed)."""
+    """Contiguous block placement of n nodes over `size` ranks (uneven allowed).
 
-    def __init__(self, n: int, size: int):
-        if size > n:
-            raise ValueError(f"{size} ranks for {n} nodes: every rank needs at least one node")
-        base, extra = divmod(n, size)
-        counts = [base + (1 if r < extra else 0) for r in range(size)]
+    With `server=True` rank 0 holds no node (a parameter server) and the nodes go to
+    ranks 1..size-1.
+    """
+
+    def __init__(self, n: int, size: int, server: bool = False):
+        workers = size - 1 if server else size
+        if workers > n or workers < 1:
+            raise ValueError(f"{workers} worker ranks for {n} nodes: every worker rank needs at least one node")
+        base, extra = divmod(n, workers)
+        counts = ([0] if server else []) + [base + (1 if r < extra else 0) for r in range(workers)]
         self.n, self.size = n, size
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -136,12 +141,12 @@ class Comm:
 
     def __init__(self, n_nodes: int, *, backend: Optional[backend_mod.Backend] = None,
                  kernels: Optional[Kernels] = None, timeout: float = 300.0, poll: float = 2e-4,
-                 spin: float = 0.01, cuda_aware: str = "auto", mpi_comm: Any = None):
+                 spin: float = 0.01, cuda_aware: str = "auto", mpi_comm: Any = None, server: bool = False):
         from mpi4py import MPI
         self.MPI = MPI
         self.comm = (mpi_comm if mpi_comm is not None else MPI.COMM_WORLD).Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.placement = Placement(n_nodes, self.size)
+        self.placement = Placement(n_nodes, self.size, server)
         self.n = n_nodes
         self.lo, self.hi = self.placement.range(self.rank)
         self.local_n = self.hi - self.lo
@@ -192,6 +197,40 @@ class Comm:
         print(msg, file=sys.stderr, flush=True)
         self.comm.Abort(3)
         raise CommTimeout(msg)  # only reached with a fake communicator in tests
+
+    # -- parameter-server messages (the hybrid method's wall clock) ----------------------
+
+    def irecv_any(self, buf, tag: int):
+        """Post a receive from any rank; returns (request, status) for `test_any`."""
+        return self.comm.Irecv(buf, source=self.MPI.ANY_SOURCE, tag=tag), self.MPI.Status()
+
+    def test_any(self, pending) -> int:
+        """Source rank of a completed `irecv_any`, or -1 while it is pending."""
+        req, status = pending
+        return status.Get_source() if req.Test(status) else -1
+
+    def cancel(self, pending) -> None:
+        req, _ = pending
+        req.Cancel()
+        req.Wait()
+
+    def isend(self, buf, dest: int, tag: int, op: str = "send"):
+        t0 = time.perf_counter()
+        req = self.comm.Isend(buf, dest=dest, tag=tag)
+        self._count(op, buf.nbytes, time.perf_counter() - t0)
+        return req
+
+    def recv(self, buf, source: int, tag: int, op: str = "recv", spin: Optional[float] = None) -> None:
+        """Receive into buf with a polite wait (spin 0: sleep from the start)."""
+        t0 = time.perf_counter()
+        saved = self.spin
+        if spin is not None:
+            self.spin = spin
+        try:
+            self.wait([self.comm.Irecv(buf, source=source, tag=tag)], op, [source])
+        finally:
+            self.spin = saved
+        self._count(op, 0, time.perf_counter() - t0)
 
     def wait(self, requests: List[Any], op: str, peers: Sequence[int] = ()) -> None:
         """Complete all requests politely.

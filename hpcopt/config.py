@@ -71,6 +71,7 @@ class Aggregate(str, enum.Enum):
 
 class Clock(str, enum.Enum):
     simulated = "simulated"
+    wall = "wall"
 
 
 class Scaling(str, enum.Enum):
@@ -226,7 +227,8 @@ class AlgorithmCfg:
     k_every: int = _f(300, "hybrid, threshold step: gradients received per increment (S)", gt=0)
     k_ramp: float = _f(60.0, "hybrid, threshold linear: seconds until K = W", gt=0)
     aggregate: Aggregate = _f(Aggregate.mean, "hybrid: apply the mean or the sum of the buffered gradients")
-    clock: Clock = _f(Clock.simulated, "hybrid: simulated (deterministic discrete-event clock)")
+    clock: Clock = _f(Clock.simulated, "hybrid: simulated (deterministic discrete-event clock) or wall (rank 0 "
+                                       "serves, one worker per other rank: mpiexec -n nodes.n+1)")
     compute_time: float = _f(0.01, "hybrid, simulated clock: seconds one gradient takes", gt=0)
     delay_fraction: float = _f(0.5, "hybrid: fraction of workers with injected delays", ge=0, le=1)
     delay_std: float = _f(0.25, "hybrid: injected delay per gradient |N(0, s)| seconds on delayed workers", ge=0)

@@ -135,11 +135,15 @@ class Runner:
         cfg = self.cfg
         n = cfg.nodes.n
         size = comm_mod.world_size()
-        if size > n:
+        wall_server = cfg.algorithm.name.value == "hybrid" and cfg.algorithm.clock.value == "wall"
+        if wall_server and size != n + 1:
+            raise ConfigError(f"algorithm.clock = 'wall' is not allowed with {size} ranks for nodes.n = {n}: the "
+                              f"wall clock runs the server on rank 0 and one worker per rank (mpiexec -n {n + 1})")
+        if size > n and not wall_server:
             raise ConfigError(f"nodes.n = {n} is not allowed: the job has {size} ranks and every rank "
                               f"needs at least one node (use nodes.n >= {size} or fewer ranks)")
         self.comm = comm = Comm(n, timeout=cfg.comm.timeout, poll=cfg.comm.poll, spin=cfg.comm.spin,
-                                cuda_aware=cfg.device.cuda_aware.value)
+                                cuda_aware=cfg.device.cuda_aware.value, server=wall_server)
         self.backend = select_backend(cfg.device.kind.value, comm.local_rank)
         self.kernels = Kernels(on_gpu=self.backend.on_gpu, mode=cfg.device.kernels.value,
                                threads=_threads_per_rank(comm.local_size))
@@ -152,8 +156,8 @@ class Runner:
         self.parts = data_mod.partition(ds, n, cfg.data.partition.value, cfg.data.alpha,
                                         cfg.data.shards_per_node, cfg.data.seed)
         self.model = models.build(cfg.model, ds)
-        self.node_data = data_mod.NodeData(self.backend.xp, ds, self.parts, range(comm.lo, comm.hi),
-                                           cfg.data.batch_size, cfg.run.seed)
+        self.node_data = (data_mod.NodeData(self.backend.xp, ds, self.parts, range(comm.lo, comm.hi),
+                                            cfg.data.batch_size, cfg.run.seed) if comm.local_n else None)
         xp = self.backend.xp
         self.X_test = xp.asarray(ds.X_test)
         self.y_test = xp.asarray(ds.y_test)
@@ -161,7 +165,7 @@ class Runner:
         self.algo = algorithms.get(cfg.algorithm.name.value)
         self.ctx = algorithms.Context(cfg, comm, self.backend, self.kernels, self.model, self.node_data,
                                       self.topology, {"validation": (self.X_test, self.y_test)})
-        if cfg.algorithm.name.value == "hybrid":  # the simulation runs every worker on every rank
+        if cfg.algorithm.name.value == "hybrid" and not wall_server:  # every rank simulates every worker
             self.ctx.workspace["all_nodes"] = data_mod.NodeData(self.backend.xp, ds, self.parts, range(n),
                                                                 cfg.data.batch_size, cfg.run.seed)
         if cfg.algorithm.noise.value == "matched":
@@ -354,9 +358,26 @@ class Runner:
                 grid["test_accuracy"].append(float(self.backend.to_host(
                     self.model.accuracy(theta[None, :], self.X_test, self.y_test))[0]))
 
+        import resource
         t0 = time.perf_counter()
-        res = hybrid.simulate(self.ctx, state, on_grid)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        if self.cfg.algorithm.clock.value == "simulated":
+            res = hybrid.simulate(self.ctx, state, on_grid)
+        elif c.rank == 0:
+            res = hybrid.serve(self.ctx, state, on_grid)
+        else:
+            res = {"workers": hybrid.work(self.ctx)}
         wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / max(1e-9, wall)
+        if self.cfg.algorithm.clock.value == "wall":  # collect the workers' own statistics
+            gathered = c.gather_obj((res.get("workers"), cpu))
+            if c.rank == 0:
+                res["workers"] = {k: np.array([g[0][k] for g in gathered[1:]]) for k in gathered[1][0]}
+                res["workers"]["cpu_fraction"] = np.array([g[1] for g in gathered[1:]])
+                res["delayed"] = hybrid.delayed_workers(self.cfg.run.seed, c.n, self.cfg.algorithm.delay_fraction)
+                res["server_cpu_fraction"] = cpu
+            res["updates"] = c.bcast(res.get("updates"))
         self.state = state
         self.checkpoint(state, res["updates"])
         if c.rank == 0:
@@ -381,6 +402,7 @@ class Runner:
                        "final_test_accuracy": acc, "best_test_accuracy": float(np.nanmax(grid["test_accuracy"])),
                        "final_test_loss": grid["test_loss"][-1], "wall_seconds": wall,
                        "mean_staleness": float(res["staleness"].mean()) if res["staleness"].size else 0.0,
+                       **({"server_cpu_fraction": res["server_cpu_fraction"]} if "server_cpu_fraction" in res else {}),
                        "bytes_per_node": 0.0, "consensus_distance": 0.0, "steps_this_session": res["updates"]}
             self.rf.set_summary(summary)
             self.rf.event(res["updates"], "finished", f"simulated {res['end_time']:.3g} s: {res['updates']} "

@@ -24,6 +24,7 @@ version at the update minus the version the worker read.
 from __future__ import annotations
 
 import heapq
+import time
 from typing import Callable, Dict, NamedTuple
 
 import numpy as np
@@ -164,3 +165,151 @@ def simulate(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
     return {"updates": version, "received": received, "dropped": len(buffer), "in_flight": len(events),
             "applied": len(staleness), "staleness": np.asarray(staleness),
             "buffer_sizes": np.asarray(buffer_sizes), "workers": stats, "delayed": slow, "end_time": end}
+
+
+# ---------------------------------------------------------------------------------------
+# wall clock: rank 0 is the server, rank w + 1 is worker w (real MPI messages)
+
+TAG_GRAD, TAG_PARAM = 21, 22
+STOP, GO = 1.0, 0.0
+
+
+def _pack_version(v: int):
+    return float(v % 65536), float(v // 65536)  # both exact in float32
+
+
+def serve(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
+    """The parameter server's loop (rank 0): buffer, apply at >= K, release, stop cleanly.
+
+    Waits poll a posted any-source receive and sleep between polls (back-off up to
+    comm.poll), so a waiting server uses little CPU.
+    """
+    cfg, alg, b, comm = ctx.cfg, ctx.cfg.algorithm, ctx.backend, ctx.comm
+    W, d = comm.n, state.theta.shape[0]
+    budget_t = alg.budget_seconds if alg.budget_seconds > 0 else np.inf
+    budget_g = alg.budget_gradients if alg.budget_gradients > 0 else np.inf
+    grid_dt = alg.time_grid if alg.time_grid > 0 else (budget_t / 50 if np.isfinite(budget_t) else 1.0)
+    grads = np.zeros((W, d), np.float32)
+    last_loss = np.full(W, np.nan)
+    read = np.zeros(W, np.int64)
+    recv_buf = np.empty(d + 3, np.float32)
+    send_bufs = [np.empty(d + 3, np.float32) for _ in range(W)]
+    sends: list = []
+    version, received = 0, 0
+    buffer: list = []
+    staleness: list = []
+    in_flight = set()
+
+    def release(workers, cmd=GO):
+        for w in workers:
+            buf = send_bufs[w]
+            buf[:d] = b.to_host(state.theta)
+            buf[d], buf[d + 1], buf[d + 2] = cmd, *_pack_version(version)
+            sends.append(comm.isend(buf, w + 1, TAG_PARAM, "hybrid_param"))
+            if cmd == GO:
+                in_flight.add(w)
+
+    def receive(src):
+        nonlocal received
+        w = src - 1
+        grads[w] = recv_buf[:d]
+        last_loss[w] = recv_buf[d]
+        read[w] = int(recv_buf[d + 1]) + 65536 * int(recv_buf[d + 2])
+        received += 1
+        in_flight.discard(w)
+        return w
+
+    t0 = time.perf_counter()
+    next_grid = 0.0
+
+    def emit_until(now):
+        nonlocal next_grid
+        while next_grid <= now:
+            on_grid({"time": next_grid, "version": version, "received": received,
+                     "K": threshold(alg, W, received, next_grid), "buffer": len(buffer),
+                     "train_loss": float(np.nanmean(last_loss)) if np.isfinite(last_loss).any() else np.nan,
+                     "theta": state.theta})
+            next_grid += grid_dt
+
+    release(range(W))
+    pending = comm.irecv_any(recv_buf, TAG_GRAD)
+    nap = 1e-5
+    while True:
+        now = time.perf_counter() - t0
+        emit_until(min(now, budget_t))
+        if now >= budget_t or received >= budget_g:
+            break
+        src = comm.test_any(pending)
+        if src < 0:
+            time.sleep(nap)
+            nap = min(2 * nap, comm.poll)
+            continue
+        nap = 1e-5
+        buffer.append(receive(src))
+        pending = comm.irecv_any(recv_buf, TAG_GRAD)
+        if len(buffer) >= threshold(alg, W, received, now):
+            rows = np.sort(np.asarray(buffer))
+            staleness.extend((version - read[rows]).tolist())
+            G = b.asarray(grads[rows])
+            g = row_mean(ctx, G, 1.0 if alg.aggregate.value == "sum" else 1.0 / len(rows))
+            optim.apply(ctx.kernels, state.theta, g, state.m, optim.lr_at(cfg.optimizer, version, cfg.run.steps),
+                        cfg.optimizer)
+            version += 1
+            buffer = []
+            release(rows)
+    end = min(time.perf_counter() - t0, budget_t) if np.isfinite(budget_t) else time.perf_counter() - t0
+    # shutdown: the buffered gradients are dropped; workers still computing send one more
+    # gradient, which is received and dropped, then every worker gets STOP
+    dropped = len(buffer)
+    release(buffer, STOP)
+    while in_flight:
+        src = comm.test_any(pending)
+        if src < 0:
+            time.sleep(nap)
+            nap = min(2 * nap, comm.poll)
+            continue
+        w = receive(src)
+        dropped += 1
+        release([w], STOP)
+        if in_flight:
+            pending = comm.irecv_any(recv_buf, TAG_GRAD)
+        else:
+            pending = None
+    if pending is not None:
+        comm.cancel(pending)
+    comm.wait(sends, "hybrid_param")
+    return {"updates": version, "received": received, "dropped": dropped, "in_flight": 0,
+            "applied": len(staleness), "staleness": np.asarray(staleness), "end_time": end}
+
+
+def work(ctx) -> Dict[str, float]:
+    """A worker's loop: pull theta, compute, sleep the injected delay, push; until STOP."""
+    cfg, alg, b, comm = ctx.cfg, ctx.cfg.algorithm, ctx.backend, ctx.comm
+    w = comm.lo  # this rank's single node is worker w
+    d = ctx.model.d
+    slow = delayed_workers(cfg.run.seed, comm.n, alg.delay_fraction)[w]
+    buf = np.empty(d + 3, np.float32)
+    out = np.empty(d + 3, np.float32)
+    stats = {"sent": 0.0, "compute_seconds": 0.0, "delay_seconds": 0.0, "blocked_seconds": 0.0}
+    count = 0
+    while True:
+        t0 = time.perf_counter()
+        comm.recv(buf, 0, TAG_PARAM, "hybrid_param", spin=0.0)
+        if count:
+            stats["blocked_seconds"] += time.perf_counter() - t0
+        if buf[d] == STOP:
+            break
+        t1 = time.perf_counter()
+        A, y, wts = ctx.data.batch_for([0], [count])
+        loss, G = ctx.model.loss_grad(b.asarray(buf[:d])[None, :], A, y, wts)
+        out[:d] = b.to_host(G[0])
+        out[d] = float(b.to_host(loss)[0])
+        out[d + 1], out[d + 2] = buf[d + 1], buf[d + 2]
+        stats["compute_seconds"] += time.perf_counter() - t1
+        delay = injected_delay(cfg.run.seed, w, count, alg.delay_std) if slow else 0.0
+        time.sleep(delay)
+        stats["delay_seconds"] += delay
+        comm.wait([comm.isend(out, 0, TAG_GRAD, "hybrid_grad")], "hybrid_grad", [0])
+        stats["sent"] += 1
+        count += 1
+    return stats

@@ -59,3 +59,21 @@ def test_threshold_and_delay_model_are_pure():
     assert min(d) >= 0 and abs(np.mean(d) - 0.25 * np.sqrt(2 / np.pi)) < 0.01
     assert d[:5] == [hybrid.injected_delay(3, 1, k, 0.25) for k in range(5)]
     assert hybrid.delayed_workers(0, 25, 0.5).sum() == 12
+
+
+def test_wall_clock_applies_or_drops_every_gradient_and_stops_cleanly(tmp_path):
+    out = tmp_path / "w"
+    proc = check(run_hpcopt_mpi(5, ["run", QUICK, "--out", out, *BASE, "--set", "nodes.n=4",
+                                    "--set", "algorithm.clock=wall", "--set", "algorithm.budget_seconds=3",
+                                    "--set", "algorithm.k_every=40", "--set", "algorithm.delay_std=0.05"], timeout=120))
+    assert "updates / gradients received" in proc.stdout
+    run = store.read_run(str(out))
+    s, w = run["summary"], run["tables"]["workers"]
+    assert s["received"] > 20 and s["updates"] > 5
+    assert w["sent"].sum() == s["received"] == s["applied"] + s["dropped"]
+    assert s["applied"] == run["tables"]["staleness"]["count"].sum()
+    assert s["server_cpu_fraction"] < 0.5 and np.all(w["cpu_fraction"] < 0.5)
+    assert np.all(w["delay_seconds"][w["delayed"] == 0] == 0)
+    bad = run_hpcopt_mpi(4, ["run", QUICK, "--out", tmp_path / "bad", *BASE, "--set", "nodes.n=4",
+                             "--set", "algorithm.clock=wall", "--set", "algorithm.budget_seconds=1"])
+    assert bad.returncode == 2 and "mpiexec -n 5" in bad.stderr
