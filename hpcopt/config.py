@@ -201,6 +201,7 @@ class ModelCfg:
     activation: Activation = _f(Activation.tanh, "mlp: activation")
     l2: float = _f(0.0, "L2 penalty l2/2 * ||x||^2 on all parameters", ge=0)
     init_scale: float = _f(1.0, "mlp: scale of the Glorot-uniform initialisation", ge=0)
+    init_seed: int = _f(-1, "seed of the initial parameters (-1: run.seed); fix it to share x0 across seeds", ge=-1)
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,8 @@ class AlgorithmCfg:
     aggregate: Aggregate = _f(Aggregate.mean, "hybrid: apply the mean or the sum of the buffered gradients")
     clock: Clock = _f(Clock.simulated, "hybrid: simulated (deterministic discrete-event clock) or wall (rank 0 "
                                        "serves, one worker per other rank: mpiexec -n nodes.n+1)")
-    compute_time: float = _f(0.01, "hybrid, simulated clock: seconds one gradient takes", gt=0)
+    compute_time: float = _f(0.01, "hybrid: seconds one gradient takes (wall clock: shorter ones are padded)",
+                             gt=0)
     delay_fraction: float = _f(0.5, "hybrid: fraction of workers with injected delays", ge=0, le=1)
     delay_std: float = _f(0.25, "hybrid: injected delay per gradient |N(0, s)| seconds on delayed workers", ge=0)
     budget_seconds: float = _f(0.0, "hybrid: (simulated) seconds of training (0: use budget_gradients)", ge=0)

@@ -308,7 +308,7 @@ class Runner:
         self.setup()
         cfg, c = self.cfg, self.comm
         info = self.prepare_dir()
-        x0 = self.model.init(cfg.run.seed)
+        x0 = self.model.init(cfg.run.seed if cfg.model.init_seed < 0 else cfg.model.init_seed)
         state = self.algo.init(self.ctx, x0)
         if c.rank == 0:
             for name, table in self.ctx.workspace.get("tables", {}).items():
