@@ -78,10 +78,8 @@ def test_usr1_checkpoints_and_requeues_then_resume_finishes(tmp_path):
         assert time.monotonic() < deadline and p.poll() is None, p.communicate()
         time.sleep(0.2)
     time.sleep(1.0)
-    t0 = time.monotonic()
     p.send_signal(signal.SIGUSR1)
-    stdout, stderr = p.communicate(timeout=60)
-    assert time.monotonic() - t0 < 10
+    stdout, stderr = p.communicate(timeout=10)  # checkpointed and exited within 10 s, or TimeoutExpired
     assert p.returncode == 0, stderr
     assert (tmp_path / "requeued").exists() and "requeueing" in stderr
     info, _ = store.latest(str(out))

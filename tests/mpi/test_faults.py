@@ -103,10 +103,8 @@ def test_signal_checkpoints_and_exits_75_then_resume_matches(tmp_path, sig):
             not len(store.read_run(str(out))["metrics"].get("step", [])):
         assert time.monotonic() < deadline and p.poll() is None, p.communicate()
         time.sleep(0.2)
-    t0 = time.monotonic()
     p.send_signal(sig)
-    stdout, stderr = p.communicate(timeout=60)
-    assert time.monotonic() - t0 < 10
+    stdout, stderr = p.communicate(timeout=10)  # checkpointed and exited within 10 s, or TimeoutExpired
     assert p.returncode == 75, stderr
     info, _ = store.latest(str(out))
     stopped = info["step"]
@@ -123,22 +121,19 @@ def test_signal_checkpoints_and_exits_75_then_resume_matches(tmp_path, sig):
 
 
 def test_hung_peer_aborts_the_job_naming_op_step_and_peer():
-    t0 = time.monotonic()
-    proc = run_script(2, "hang.py", timeout=60)
+    # the silent rank sleeps 30 s: only the 1 s watchdog can end the job inside the 20 s limit
+    proc = run_script(2, "hang.py", timeout=20)
     assert proc.returncode != 0
     assert "not reached" not in proc.stdout
     assert "in mix at step 42 for rank 1" in proc.stderr
-    assert time.monotonic() - t0 < 30  # aborted well before the sleeping rank woke up
 
 
 def test_rank_that_stops_answering_in_a_run_aborts_within_the_timeout(tmp_path):
-    t0 = time.monotonic()
+    # the rank sleeps 120 s; a limit of 40 s means the job was ended by comm.timeout = 2 s
     proc = run_hpcopt_mpi(2, ["run", QUICK, "--out", tmp_path / "run", "--set", "comm.timeout=2",
-                              "--set", "run.steps=100"], HPCOPT_FAULT="sleep@20:1:120", timeout=110)
-    elapsed = time.monotonic() - t0
+                              "--set", "run.steps=100"], HPCOPT_FAULT="sleep@20:1:120", timeout=40)
     assert proc.returncode != 0
     assert "waited more than comm.timeout = 2 s in mix at step 20 for rank 1" in proc.stderr
-    assert elapsed < 30
 
 
 def test_nan_loss_stops_cleanly_with_an_event(tmp_path):
