@@ -36,6 +36,9 @@ from hpcopt import config, runner, store  # noqa: E402
 MODELS = {"softmax": {"name": "softmax"}, "mlp 20-64-10": {"name": "mlp", "hidden": [64], "activation": "relu"}}
 
 
+SEPARATION = [5.0]  # distance scale of the class means (set by --separation)
+
+
 def cfg_dict(model, W, s, method, lr, seed, budget, S_factor=3.0):
     alg = {"name": "hybrid", "clock": "simulated", "delay_fraction": 0.5, "delay_std": s, "compute_time": 0.01,
            "budget_seconds": budget, "time_grid": budget / 40}
@@ -48,7 +51,7 @@ def cfg_dict(model, W, s, method, lr, seed, budget, S_factor=3.0):
     return {"run": {"steps": 1, "seed": seed, "progress": False, "eval_every": 0},
             "nodes": {"n": W},
             "data": {"dataset": "classification", "dim": 20, "classes": 10, "samples_per_node": 8000 // W,
-                     "separation": 3.0, "partition": "iid", "batch_size": 32, "test_fraction": 0.2},
+                     "separation": SEPARATION[0], "partition": "iid", "batch_size": 32, "test_fraction": 0.2},
             "model": {**MODELS[model], "init_seed": 0}, "algorithm": alg,
             "optimizer": {"lr": lr, "schedule": "constant"}}
 
@@ -93,8 +96,11 @@ def budget_for(workdir, model, W, s, lr):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--quick", action="store_true", help="one model, W = 8, fewer repeats (for a smoke run)")
+    p.add_argument("--quick", action="store_true", help="softmax, W = 8 only, fewer repeats")
+    p.add_argument("--separation", type=float, default=5.0, help="class-mean separation of the synthetic data")
+    p.add_argument("--wall-repeats", type=int, default=2, help="0: skip the wall-clock cross-check")
     args = p.parse_args()
+    SEPARATION[0] = args.separation
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     models = ["softmax"] if args.quick else list(MODELS)
@@ -119,10 +125,12 @@ def main() -> None:
                         print(f"[{time.time() - t0:4.0f}s] {model:<13} W={W:<3} s={s:<5} lr={lr:<5} budget "
                               f"{budget:6.1f}s  " + "  ".join(f"{m}:{fin[m]:.3f}" for m in methods), flush=True)
         wall = None
-        if shutil.which("mpiexec") or os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")):
+        if args.wall_repeats and (shutil.which("mpiexec")
+                                  or os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec"))):
             cell = next(c for c in cells if (c["model"], c["W"], c["s"], c["lr"]) == ("softmax", 8, 0.25, 0.01))
             wall = {m: [run_wall(workdir, cfg_dict("softmax", 8, 0.25, m.split()[0], 0.01, rep, cell["budget"],
-                                                   5.0 if m.endswith("5/lr") else 3.0)) for rep in range(1)]
+                                                   5.0 if m.endswith("5/lr") else 3.0))
+                        for rep in range(args.wall_repeats)]
                     for m in methods}
     with open(os.path.join(args.out, "hybrid.json"), "w") as fh:
         json.dump({"cells": cells, "wall": wall}, fh)
