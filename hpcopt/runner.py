@@ -392,6 +392,7 @@ class Runner:
                                     "test_accuracy": np.asarray(grid["test_accuracy"])})
             values, counts = np.unique(res["staleness"], return_counts=True)
             self.rf.write_table("staleness", {"staleness": values, "count": counts})
+            self.rf.write_table("updates", {"buffer_size": np.asarray(res["buffer_sizes"], np.int64)})
             self.rf.write_table("workers", {"worker": np.arange(c.n), "delayed": res["delayed"].astype(np.int64),
                                             **{k: v for k, v in res["workers"].items()}})
             acc = grid["test_accuracy"][-1] if grid["test_accuracy"] else float("nan")

@@ -198,6 +198,7 @@ def serve(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
     version, received = 0, 0
     buffer: list = []
     staleness: list = []
+    buffer_sizes: list = []
     in_flight = set()
 
     def release(workers, cmd=GO):
@@ -249,6 +250,7 @@ def serve(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
         pending = comm.irecv_any(recv_buf, TAG_GRAD)
         if len(buffer) >= threshold(alg, W, received, now):
             rows = np.sort(np.asarray(buffer))
+            buffer_sizes.append(len(rows))
             staleness.extend((version - read[rows]).tolist())
             G = b.asarray(grads[rows])
             g = row_mean(ctx, G, 1.0 if alg.aggregate.value == "sum" else 1.0 / len(rows))
@@ -279,7 +281,8 @@ def serve(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
         comm.cancel(pending)
     comm.wait(sends, "hybrid_param")
     return {"updates": version, "received": received, "dropped": dropped, "in_flight": 0,
-            "applied": len(staleness), "staleness": np.asarray(staleness), "end_time": end}
+            "applied": len(staleness), "staleness": np.asarray(staleness), "end_time": end,
+            "buffer_sizes": np.asarray(buffer_sizes)}
 
 
 def work(ctx) -> Dict[str, float]:

@@ -27,6 +27,7 @@ def test_k_equal_w_is_sync_sgd_exactly_with_zero_staleness(tmp_path):
     assert np.array_equal(th, x)
     run = store.read_run(str(tmp_path / "h"))
     assert run["tables"]["staleness"]["staleness"].tolist() == [0]
+    assert run["tables"]["updates"]["buffer_size"].tolist() == [8] * 30  # K = W: every update holds W
     s = run["summary"]
     assert s["received"] == 240 and s["applied"] == 240 and s["dropped"] == 0
 
@@ -71,7 +72,7 @@ def test_wall_clock_applies_or_drops_every_gradient_and_stops_cleanly(tmp_path):
     s, w = run["summary"], run["tables"]["workers"]
     assert s["received"] > 20 and s["updates"] > 5
     assert w["sent"].sum() == s["received"] == s["applied"] + s["dropped"]
-    assert s["applied"] == run["tables"]["staleness"]["count"].sum()
+    assert s["applied"] == run["tables"]["staleness"]["count"].sum() == run["tables"]["updates"]["buffer_size"].sum()
     assert s["server_cpu_fraction"] < 0.5 and np.all(w["cpu_fraction"] < 0.5)
     assert np.all(w["delay_seconds"][w["delayed"] == 0] == 0)
     bad = run_hpcopt_mpi(4, ["run", QUICK, "--out", tmp_path / "bad", *BASE, "--set", "nodes.n=4",
