@@ -161,23 +161,29 @@ def _finalize_mpi() -> None:
         finalize_if_started()
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+def _user_error(exc: BaseException) -> bool:
+    """Errors reported as one line with exit status 2 (imported late: NumPy must not load
+    before the per-rank thread limits are set)."""
     from .backend import BackendError
     from .config import ConfigError
     from .kernels import KernelError
+    return isinstance(exc, (ConfigError, BackendError, KernelError))
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
         code = args.func(args)
         if code:
             _finalize_mpi()
         return code
-    except (ConfigError, BackendError, KernelError) as exc:
-        code = _fail(str(exc))
-        _finalize_mpi()
-        return code
     except KeyboardInterrupt:
         return 130
-    except Exception:  # noqa: BLE001 -- last resort: make every rank stop, not hang
+    except Exception as exc:  # noqa: BLE001 -- user errors: one line; the rest: stop every rank
+        if _user_error(exc):
+            code = _fail(str(exc))
+            _finalize_mpi()
+            return code
         traceback.print_exc()
         if "mpi4py.MPI" in sys.modules:
             from .comm import abort_if_started
