@@ -454,7 +454,7 @@ class Comm:
         t0 = time.perf_counter()
         if out is None:
             out = self.backend.empty((X.shape[1],))
-        self._scaled_row_sum(X, out)
+        self.kernels.row_sum(out, X, 1.0 / self.n)
         self._reduce_inplace(out, "sum", "mean")
         self._count("mean", out.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
         return out
@@ -468,27 +468,11 @@ class Comm:
             out = self.backend.empty((sum(widths),))
         off = 0
         for b, w in zip(blocks, widths):
-            self._scaled_row_sum(b, out[off:off + w])
+            self.kernels.row_sum(out[off:off + w], b, 1.0 / self.n)
             off += w
         self._reduce_inplace(out, "sum", "mean")
         self._count("mean", out.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
         return out
-
-    def _scaled_row_sum(self, X, out) -> None:
-        """out = sum_i X[i] / n over the local rows: one fused pass."""
-        L, d = X.shape
-        key = ("mean", L, d)
-        csr = self._pinned.get(key)
-        if csr is None:
-            xp = self.backend.xp
-            csr = (xp.asarray(np.array([0, L], np.int64)), xp.asarray(np.arange(L, dtype=np.int64)),
-                   xp.asarray(np.full(L, 1.0 / self.n, np.float32)), self.backend.empty((0, d)))
-            self._pinned[key] = csr
-        indptr, indices, weights, none = csr
-        if L == 1:  # the same float32 product as the kernel's 0 + w * x
-            self.backend.xp.multiply(X[0], weights[0], out=out)
-        else:
-            self.kernels.mix_rows(out.reshape(1, d), X, none, indptr, indices, weights)
 
     def allreduce_scalars(self, values, op: str = "sum") -> np.ndarray:
         """Reduce a small host float64 vector over ranks."""

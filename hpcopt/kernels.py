@@ -277,6 +277,7 @@ class Kernels:
         self.note = ""
         self.impl = "numpy"
         self._lib: Any = None
+        self._row_sum_ops: Dict[tuple, Any] = {}
         if mode == "numpy":
             return
         try:
@@ -344,6 +345,26 @@ class Kernels:
         self._run("scaled_update", (x, g, d), (F32(lr), F32(alpha), F32(wd)), x.size)
 
     # -- mixing --------------------------------------------------------------------
+    def row_sum(self, out, X, scale: float) -> None:
+        """out (d,) = scale * sum of X's rows, in row order, in one fused pass.
+
+        The CSR operands (one output row taking every input row with weight `scale`) are
+        built once per (rows, d, scale) and kept on the device.
+        """
+        L, d = X.shape
+        if L == 1:  # the same float32 product as the kernel's 0 + w * x
+            _xp(out).multiply(X[0], F32(scale), out=out)
+            return
+        key = (L, d, float(scale))
+        ops = self._row_sum_ops.get(key)
+        if ops is None:
+            xp = _xp(out)
+            ops = (xp.asarray(np.array([0, L], np.int64)), xp.asarray(np.arange(L, dtype=np.int64)),
+                   xp.asarray(np.full(L, scale, np.float32)), xp.empty((0, d), np.float32))
+            self._row_sum_ops[key] = ops
+        indptr, indices, weights, none = ops
+        self.mix_rows(out.reshape(1, d), X, none, indptr, indices, weights)
+
     def mix_rows(self, out, local, remote, indptr, indices, weights) -> None:
         """out[r] = sum_k weights[k] * src(indices[k]) over CSR row r (see mix_rows.cu)."""
         rows, d = out.shape

@@ -104,23 +104,22 @@ class LinearModel:
             G += self.l2 * X
         return G
 
-    def loss_grad(self, X, A, y, w):
+    def _loss_dz(self, X, A, y, w):
+        """Per-node loss (+ L2) and dLoss/dZ; shared data (A 2-D) serves every node."""
         Z = self.logits(X, A)
         if A.ndim == 2:
             y = _xp(X).broadcast_to(y, Z.shape[:2])
         loss, dZ = self._dloss(Z, y, w)
         if self.l2:
             loss = loss + 0.5 * self.l2 * (X * X).sum(axis=1)
+        return loss, dZ
+
+    def loss_grad(self, X, A, y, w):
+        loss, dZ = self._loss_dz(X, A, y, w)
         return loss, self._pack(X, A, dZ)
 
     def loss(self, X, A, y, w):
-        Z = self.logits(X, A)
-        if A.ndim == 2:
-            y = _xp(X).broadcast_to(y, Z.shape[:2])
-        loss, _ = self._dloss(Z, y, w)
-        if self.l2:
-            loss = loss + 0.5 * self.l2 * (X * X).sum(axis=1)
-        return loss
+        return self._loss_dz(X, A, y, w)[0]
 
     def accuracy(self, X, A, y):
         xp = _xp(X)

@@ -17,10 +17,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from . import dsgd, hybrid, local_sgd, sync_sgd, teleport
-
-REGISTRY = {"sync_sgd": sync_sgd, "dsgd": dsgd, "local_sgd": local_sgd, "teleport": teleport, "hybrid": hybrid}
-
 
 class Context(NamedTuple):
     cfg: Any  # Config
@@ -31,6 +27,26 @@ class Context(NamedTuple):
     data: Any  # data.NodeData
     topology: Any  # topology.Topology or None
     workspace: dict  # scratch buffers an algorithm reuses across steps (never checkpointed)
+
+
+def spare_buffer(ctx, key: str, X):
+    """A buffer shaped like X for the next mixed parameters: the previous step's X, which
+    nothing needs once the mix has read it (see `retire`)."""
+    buf = ctx.workspace.get(key)
+    if buf is None or buf.shape != X.shape or buf is X:
+        buf = ctx.backend.empty(X.shape)
+    return buf
+
+
+def retire(ctx, key: str, X) -> None:
+    """Hand X back as the next step's spare buffer."""
+    ctx.workspace[key] = X
+
+
+# the modules import the helpers above, so they load after them
+from . import dsgd, hybrid, local_sgd, sync_sgd, teleport  # noqa: E402
+
+REGISTRY = {"sync_sgd": sync_sgd, "dsgd": dsgd, "local_sgd": local_sgd, "teleport": teleport, "hybrid": hybrid}
 
 
 def get(name: str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import optim
+from . import retire, spare_buffer
 
 SHARDED = ("X", "M")
 
@@ -39,20 +40,12 @@ def average(ctx, state: State):
     return ctx.comm.mean(state.X)
 
 
-def _spare(ctx, X):
-    """The buffer the mixed rows go to: last step's parameters, no longer needed."""
-    buf = ctx.workspace.get("dsgd_spare")
-    if buf is None or buf.shape != X.shape or buf is X:
-        buf = ctx.backend.empty(X.shape)
-    return buf
-
-
 def step(ctx, state: State, t: int, lr: float):
     W = ctx.topology.mixing_matrix(t)
     comm = ctx.comm
     A, y, w = ctx.data.batch(t)
     opt = ctx.cfg.optimizer
-    out = _spare(ctx, state.X)
+    out = spare_buffer(ctx, "dsgd_spare", state.X)
     if ctx.cfg.algorithm.order.value == "adapt_then_combine":
         loss, G = ctx.model.loss_grad(state.X, A, y, w)
         optim.apply(ctx.kernels, state.X, G, state.M, lr, opt)
@@ -66,5 +59,5 @@ def step(ctx, state: State, t: int, lr: float):
             X = comm.mix(state.X, W, out=out)
             loss, G = ctx.model.loss_grad(state.X, A, y, w)
         optim.apply(ctx.kernels, X, G, state.M, lr, opt)
-    ctx.workspace["dsgd_spare"] = state.X
+    retire(ctx, "dsgd_spare", state.X)
     return State(X, state.M), {"loss": loss}

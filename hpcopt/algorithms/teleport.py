@@ -31,6 +31,7 @@ import numpy as np
 from .. import optim
 from .. import topology as topology_mod
 from ..data import step_rng
+from . import retire, spare_buffer
 
 SHARDED = ("X",)
 METRICS = ("token_node",)
@@ -122,11 +123,8 @@ def _advance(ctx, X, groups: _Groups, t: int, lr: float):
         X[r] = Xa
         loss[rows] = b.to_host(lval)
         active[rows] = True
-    out = ctx.workspace.get("teleport_spare")
-    if out is None or out.shape != X.shape:
-        out = b.empty(X.shape)
-    Y = comm.mix(X, groups.matrix(ctx, t, nodes), out=out)
-    ctx.workspace["teleport_spare"] = X
+    Y = comm.mix(X, groups.matrix(ctx, t, nodes), out=spare_buffer(ctx, "teleport_spare", X))
+    retire(ctx, "teleport_spare", X)
     comm.move(Y, nodes, groups.nodes(ctx, t + 1))
     return Y, loss, active
 
