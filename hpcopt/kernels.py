@@ -353,7 +353,7 @@ class Kernels:
         """
         L, d = X.shape
         if L == 1:  # the same float32 product as the kernel's 0 + w * x
-            _xp(out).multiply(X[0], F32(scale), out=out)
+            (np if isinstance(out, np.ndarray) else _xp(out)).multiply(X[0], F32(scale), out=out)
             return
         key = (L, d, float(scale))
         ops = self._row_sum_ops.get(key)

@@ -143,7 +143,8 @@ class Runner:
             raise ConfigError(f"nodes.n = {n} is not allowed: the job has {size} ranks and every rank "
                               f"needs at least one node (use nodes.n >= {size} or fewer ranks)")
         self.comm = comm = Comm(n, timeout=cfg.comm.timeout, poll=cfg.comm.poll, spin=cfg.comm.spin,
-                                cuda_aware=cfg.device.cuda_aware.value, server=wall_server)
+                                cuda_aware=cfg.device.cuda_aware.value, server=wall_server,
+                                blocking_bytes=cfg.comm.blocking_bytes)
         self.backend = select_backend(cfg.device.kind.value, comm.local_rank)
         self.kernels = Kernels(on_gpu=self.backend.on_gpu, mode=cfg.device.kernels.value,
                                threads=_threads_per_rank(comm.local_size))

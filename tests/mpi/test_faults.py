@@ -120,12 +120,16 @@ def test_signal_checkpoints_and_exits_75_then_resume_matches(tmp_path, sig):
     assert np.array_equal(a["X"], b["X"]) and np.array_equal(a["M"], b["M"])
 
 
-def test_hung_peer_aborts_the_job_naming_op_step_and_peer():
-    # the silent rank sleeps 30 s: only the 1 s watchdog can end the job inside the 20 s limit
-    proc = run_script(2, "hang.py", timeout=20)
+@pytest.mark.parametrize("op,who", [("mix", "mix at step 42 for rank 1"),
+                                    ("mean", "mean at step 42 for the other ranks (collective)"),
+                                    ("mean-polite", "mean at step 42 for the other ranks (collective)")])
+def test_hung_peer_aborts_the_job_naming_op_step_and_peer(op, who):
+    # the silent rank sleeps 30 s: only the 1 s timeout can end the job inside the 20 s limit
+    # (mean: a blocking Allreduce ended by the watchdog thread; mean-polite: the polled wait)
+    proc = run_script(2, "hang.py", op, timeout=20)
     assert proc.returncode != 0
     assert "not reached" not in proc.stdout
-    assert "in mix at step 42 for rank 1" in proc.stderr
+    assert f"waited more than comm.timeout = 1 s in {who}" in proc.stderr
 
 
 def test_rank_that_stops_answering_in_a_run_aborts_within_the_timeout(tmp_path):
