@@ -20,12 +20,14 @@ extra node). A rank holds its nodes' rows as one `(local_n, d)` array; `mix`, `m
   with a back-off) so oversubscribed CPU ranks leave the cores to each other, and a wait
   longer than `timeout` seconds aborts the
   whole job with a message naming the operation, the step and the peer.
-* Small all-reduces (at most `blocking_bytes`) call the MPI library's blocking
-  `Allreduce` instead: for a few kilobytes the nonblocking algorithm plus polling costs
-  more than the transfer itself (about 10-40 us per call with 4 ranks on 2 cores). The
-  timeout still holds there: a watchdog thread, armed for the duration of the call,
-  aborts the job with the same message. (Needs MPI_THREAD_MULTIPLE; with a lower thread
-  level every collective takes the polite path.)
+* Small operations (all-reduces of at most `blocking_bytes`, mixes sending at most that
+  much) use the MPI library's blocking `Allreduce` / `Waitall` instead: for a few
+  kilobytes a nonblocking all-reduce plus polling from Python costs more than the
+  transfer itself (10-40 us per call with 4 ranks on 2 cores). The timeout still holds:
+  a watchdog thread, armed for the duration of the call, aborts the job with the same
+  message. The price: a rank waiting there for a late peer keeps its core busy (the
+  library polls), so with stragglers on shared cores `blocking_bytes = 0` is the polite
+  choice. (Needs MPI_THREAD_MULTIPLE; with a lower thread level every wait is polite.)
 * Every operation counts calls, bytes sent and seconds (`counters`).
 """
 from __future__ import annotations
@@ -156,7 +158,7 @@ class Comm:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.placement = Placement(n_nodes, self.size, server)
         self.n = n_nodes
-        self._inv_n = 1.0 / n_nodes
+        self._inv_n = np.float32(1.0 / n_nodes)
         self.lo, self.hi = self.placement.range(self.rank)
         self.local_n = self.hi - self.lo
         shared = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
@@ -174,18 +176,21 @@ class Comm:
         self._plans: Dict[int, Tuple[np.ndarray, MixPlan]] = {}
         self._pinned: Dict[Tuple, Any] = {}  # staging buffers and small cached operands
         self._mpi_ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-        self._in_place = MPI.IN_PLACE
+        self._in_place, self._sum = MPI.IN_PLACE, MPI.SUM
         # small collectives block under a watchdog only where a second thread may call MPI
         threaded = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
         self.blocking_bytes = int(blocking_bytes) if threaded else -1
-        self._armed: Optional[Tuple[float, str]] = None  # (deadline, op) of the blocking call in flight
-        self._watchdog: Optional[threading.Thread] = None
+        self._armed: Optional[Tuple[float, str, Sequence[int]]] = None  # (deadline, op, peers) of a blocking call
+        if self.blocking_bytes >= 0 and self.size > 1:
+            threading.Thread(target=self._watch, name="hpcopt-comm-watchdog", daemon=True).start()
 
     # ---------------------------------------------------------------------------------
     # bookkeeping
 
     def _count(self, op: str, nbytes: int, seconds: float) -> None:
-        c = self.counters.setdefault(op, OpCounter())
+        c = self.counters.get(op)
+        if c is None:
+            c = self.counters[op] = OpCounter()
         c.calls += 1
         c.bytes += int(nbytes)
         c.seconds += seconds
@@ -214,13 +219,20 @@ class Comm:
         self.comm.Abort(3)
         raise CommTimeout(msg)  # only reached with a fake communicator in tests
 
+    def _blocking(self, call, arg, op: str, peers: Sequence[int] = ()) -> None:
+        """call(arg), a blocking MPI call, with the watchdog armed for `timeout` seconds."""
+        t0 = time.perf_counter()
+        self._armed = (t0 + self.timeout, op, peers)
+        try:
+            call(arg)
+        finally:
+            self._armed = None
+            self.wait_seconds += time.perf_counter() - t0
+
     def _blocking_allreduce(self, send, recv, mpi_op, op: str) -> None:
         """A blocking Allreduce with the watchdog armed for `timeout` seconds."""
-        if self._watchdog is None:
-            self._watchdog = threading.Thread(target=self._watch, name="hpcopt-comm-watchdog", daemon=True)
-            self._watchdog.start()
         t0 = time.perf_counter()
-        self._armed = (t0 + self.timeout, op)
+        self._armed = (t0 + self.timeout, op, ())
         try:
             self.comm.Allreduce(send, recv, mpi_op)
         finally:
@@ -235,7 +247,7 @@ class Comm:
             time.sleep(period)
             armed = self._armed
             if armed is not None and time.perf_counter() > armed[0] and self._armed is armed:
-                self._abort(armed[1], [])
+                self._abort(armed[1], sorted(set(armed[2])))
 
     # -- parameter-server messages (the hybrid method's wall clock) ----------------------
 
@@ -428,7 +440,10 @@ class Comm:
     def mix_end(self, handle, out=None):
         X, plan, remote, reqs, peers, after, nbytes, spent = handle
         t0 = time.perf_counter()
-        self.wait(reqs, "mix", peers)
+        if nbytes <= self.blocking_bytes:
+            self._blocking(self.MPI.Request.Waitall, reqs, "mix", peers)
+        else:
+            self.wait(reqs, "mix", peers)
         for cb in after:
             cb()
         if out is None:
@@ -479,10 +494,7 @@ class Comm:
             return buf
         mpi_op = self._mpi_ops[op]
         if not self.backend.is_device_array(buf):
-            if buf.nbytes <= self.blocking_bytes:  # the common small case, kept short
-                self._blocking_allreduce(self._in_place, buf, mpi_op, name)
-            else:
-                self.wait([self.comm.Iallreduce(self._in_place, buf, op=mpi_op)], name)
+            self._allreduce(self._in_place, buf, buf.nbytes, mpi_op, name)
             return buf
         if not self.cuda_aware:
             host = self._host("r" + name, -1, buf.shape)
@@ -504,9 +516,13 @@ class Comm:
         if out is None:
             out = self.backend.empty((X.shape[1],))
         self.kernels.row_sum(out, X, self._inv_n)
-        if self.size > 1:
-            self._reduce_inplace(out, "sum", "mean")
-        self._count("mean", out.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
+        nbytes = out.nbytes if self.size > 1 else 0
+        if nbytes:
+            if type(out) is np.ndarray and nbytes <= self.blocking_bytes:  # the common case, kept short
+                self._blocking_allreduce(self._in_place, out, self._sum, "mean")
+            else:
+                self._reduce_inplace(out, "sum", "mean")
+        self._count("mean", nbytes, time.perf_counter() - t0)
         return out
 
     def mean_many(self, blocks: Sequence[Any], out=None):

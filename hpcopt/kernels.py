@@ -22,8 +22,9 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+import weakref
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -219,19 +220,38 @@ class _CpuLibrary:
         self.lib.hpcopt_get_threads.restype = ctypes.c_int
         if threads > 0:
             self.lib.hpcopt_set_threads(threads)
+        self._fns = {name: getattr(self.lib, name) for name in SIGNATURES}
+        self._ptrs: Dict[int, Tuple[Any, int]] = {}  # id -> (weak reference, data address)
 
     @property
     def threads(self) -> int:
         return int(self.lib.hpcopt_get_threads())
 
     def call(self, name: str, args) -> None:
-        conv = []
-        for kind, a in zip(SIGNATURES[name], args):
-            if kind in "pq":
-                conv.append(a.ctypes.data)
-            else:
-                conv.append(a)
-        getattr(self.lib, name)(*conv)
+        ptr = self._pointer
+        self._fns[name](*[ptr(a) if kind in "pq" else a for kind, a in zip(SIGNATURES[name], args)])
+
+    def _pointer(self, a) -> int:
+        """Data address of a NumPy array.
+
+        `a.ctypes.data` costs about 1 us, more than a kernel on a few thousand floats, so
+        the addresses of live arrays are remembered (an array's buffer never moves while
+        it lives); a weak reference drops the entry when the array dies, so a new array
+        that reuses the id is never given a stale address.
+        """
+        key = id(a)
+        hit = self._ptrs.get(key)
+        if hit is not None and hit[0]() is a:
+            return hit[1]
+        ptrs = self._ptrs
+
+        def forget(ref, key=key):
+            if ptrs.get(key, (None,))[0] is ref:
+                del ptrs[key]
+
+        address = a.ctypes.data
+        ptrs[key] = (weakref.ref(a, forget), address)
+        return address
 
 
 class _CudaModule:
@@ -258,9 +278,11 @@ class _CudaModule:
 # the entry point
 
 
-def _check(name: str, a, dtype) -> None:
+def _check(op: str, arg, a, dtype) -> None:
+    """Kernels take C-contiguous arrays of one dtype; the message is built only on failure."""
     if a.dtype != dtype or not a.flags.c_contiguous:
-        raise ValueError(f"kernel argument {name} must be a C-contiguous {np.dtype(dtype).name} array, "
+        where = f"{op}[{arg}]" if isinstance(arg, int) else f"{op}.{arg}"
+        raise ValueError(f"kernel argument {where} must be a C-contiguous {np.dtype(dtype).name} array, "
                          f"got {a.dtype} (contiguous={a.flags.c_contiguous})")
 
 
@@ -302,15 +324,14 @@ class Kernels:
 
     def _run(self, name: str, arrays, scalars, work: int) -> None:
         for i, a in enumerate(arrays):
-            _check(f"{name}[{i}]", a, np.int64 if SIGNATURES[name][i] == "q" else F32)
+            _check(name, i, a, np.int64 if SIGNATURES[name][i] == "q" else F32)
         if self.impl == "numpy":
             REFERENCES[name](*arrays, *scalars)
             return
-        args = list(arrays) + [s for s in scalars] + [np.int64(work)]
         if self.impl == "cpu":
-            self._lib.call(name, args)
+            self._lib.call(name, [*arrays, *scalars, work])
         else:
-            self._lib.call(name, args, work)
+            self._lib.call(name, [*arrays, *scalars, np.int64(work)], work)
 
     # -- updates -------------------------------------------------------------------
     def sgd(self, x, g, lr: float, wd: float = 0.0) -> None:
@@ -351,10 +372,10 @@ class Kernels:
         The CSR operands (one output row taking every input row with weight `scale`) are
         built once per (rows, d, scale) and kept on the device.
         """
-        L, d = X.shape
-        if L == 1:  # the same float32 product as the kernel's 0 + w * x
-            (np if isinstance(out, np.ndarray) else _xp(out)).multiply(X[0], F32(scale), out=out)
+        if len(X) == 1:  # the same float32 product as the kernel's 0 + w * x
+            (np if type(out) is np.ndarray else _xp(out)).multiply(X[0], F32(scale), out=out)
             return
+        L, d = X.shape
         key = (L, d, float(scale))
         ops = self._row_sum_ops.get(key)
         if ops is None:
@@ -369,17 +390,16 @@ class Kernels:
         """out[r] = sum_k weights[k] * src(indices[k]) over CSR row r (see mix_rows.cu)."""
         rows, d = out.shape
         for name, a in (("out", out), ("local", local), ("remote", remote), ("weights", weights)):
-            _check(f"mix_rows.{name}", a, F32)
+            _check("mix_rows", name, a, F32)
         for name, a in (("indptr", indptr), ("indices", indices)):
-            _check(f"mix_rows.{name}", a, np.int64)
+            _check("mix_rows", name, a, np.int64)
         if local.shape[1:] != (d,) or remote.shape[1:] != (d,):
             raise ValueError("mix_rows: local, remote and out must have the same row length")
         if self.impl == "numpy":
             ref_mix_rows(out, local, remote, indptr, indices, weights)
             return
-        args = [out, local, remote, np.int64(local.shape[0]), indptr, indices, weights,
-                np.int64(rows), np.int64(d)]
-        if self.impl == "cpu":
-            self._lib.call("mix_rows", args)
-        else:
-            self._lib.call("mix_rows", args, rows * d)
+        if self.impl == "cpu":  # ctypes takes Python ints (faster than NumPy scalars)
+            self._lib.call("mix_rows", [out, local, remote, local.shape[0], indptr, indices, weights, rows, d])
+        else:  # CuPy passes NumPy scalars with their exact C type
+            self._lib.call("mix_rows", [out, local, remote, np.int64(local.shape[0]), indptr, indices, weights,
+                                        np.int64(rows), np.int64(d)], rows * d)

@@ -106,6 +106,19 @@ def test_kernel_arguments_are_checked():
         k.sgd(np.zeros(3), np.zeros(3, np.float32), 0.1)
 
 
+def test_remembered_addresses_never_go_stale(compiled):
+    # the CPU build remembers array addresses by object; row views made one after another
+    # usually reuse the id of the view just freed while pointing at other memory, so a
+    # table without liveness checks would write every update into row 0
+    base = np.zeros((300, 33), np.float32)
+    g = np.ones(33, np.float32)
+    before = len(compiled._lib._ptrs)
+    for i in range(300):
+        compiled.sgd(base[i], g, float(i + 1))
+    assert np.array_equal(base, -np.arange(1, 301, dtype=np.float32)[:, None] * np.ones((1, 33), np.float32))
+    assert len(compiled._lib._ptrs) <= before + 2  # dead views leave the table
+
+
 def test_missing_compiler_falls_back_or_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setattr(K, "_compiler", lambda: None)
     k = K.Kernels(mode="auto", cache=tmp_path)
