@@ -38,7 +38,9 @@ class Faults:
       kill-shard     SIGKILL this rank while it writes its checkpoint shard for `step`
                      (the temporary file exists, the rename has not happened);
       kill-complete  SIGKILL rank 0 after every shard of `step` is written, before COMPLETE;
-      sleep          stop answering: sleep `seconds` at the start of `step`.
+      sleep          stop answering: sleep `seconds` at the start of `step`;
+      term           send this rank SIGTERM at the start of `step` (the hybrid method's
+                     simulated clock: after update `step`), as a scheduler would.
     Unset (the normal case), nothing happens.
     """
 
@@ -53,9 +55,9 @@ class Faults:
             except (ValueError, IndexError):
                 raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: "
                                   "expected KIND@STEP:RANK[:SECONDS]") from None
-            if kind not in ("kill", "kill-shard", "kill-complete", "sleep"):
+            if kind not in ("kill", "kill-shard", "kill-complete", "sleep", "term"):
                 raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: kinds are kill, kill-shard, "
-                                  f"kill-complete, sleep")
+                                  f"kill-complete, sleep, term")
 
     def _hit(self, kind: str, step: int, rank: int) -> bool:
         return self.kind == kind and self.step == step and self.rank == rank
@@ -65,6 +67,8 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if self._hit("sleep", step, rank):
             time.sleep(self.seconds)
+        if self._hit("term", step, rank):
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def in_shard(self, step: int, rank: int) -> None:
         if self._hit("kill-shard", step, rank):
@@ -244,13 +248,16 @@ class Runner:
         arrays = store.read_state(self.run_dir, info, self.comm.lo, self.comm.hi, sharded, replicated)
         return self.algo.State(**{k: self.backend.asarray(arrays[k]) for k in names})
 
-    def checkpoint(self, state, step: int) -> None:
+    def checkpoint(self, state, step: int, extra: Optional[Dict[str, np.ndarray]] = None) -> None:
+        """Per-rank shards + COMPLETE; `extra`: more replicated host arrays (rank 0 writes them)."""
         c = self.comm
         self.backend.synchronize()
         names = state._fields
         sharded = {k: self.backend.to_host(getattr(state, k)) for k in names if k in self.algo.SHARDED}
         replicated = ({k: self.backend.to_host(getattr(state, k)) for k in names if k not in self.algo.SHARDED}
                       if c.rank == 0 else {})
+        if extra and c.rank == 0:
+            replicated.update(extra)
         try:
             name, digest = store.write_shard(self.run_dir, step, c.rank, c.lo, c.hi, sharded, replicated,
                                              before_rename=lambda: self.faults.in_shard(step, c.rank))
@@ -318,7 +325,8 @@ class Runner:
                     "  " + "  ".join(f"{k}={v[i]:.4g}" if isinstance(v[i], float) else f"{k}={v[i]}"
                                      for k, v in table.items()) for i in range(len(next(iter(table.values()))))))
         start = 0
-        if info is not None:
+        hybrid_run = cfg.algorithm.name.value == "hybrid"  # resumes in run_hybrid (its own clock)
+        if info is not None and not hybrid_run:
             state = self.restore(info)
             start = int(info["step"])
             if c.rank == 0:
@@ -327,7 +335,7 @@ class Runner:
                                                f"(checkpoint written by {info.get('ranks')} ranks); "
                                                f"{dropped} later rows dropped")
             self.say(f"hpcopt: resuming {cfg.run.name} at step {start}")
-        elif self.resume:
+        elif self.resume and info is None:
             self.say(f"hpcopt: no checkpoint in {self.run_dir}; starting at step 0")
         self.stop.install()
         if self.kernels.note:
@@ -336,15 +344,42 @@ class Runner:
                  f"model {self.model.kind} (d = {self.model.d}), data {self.dataset.name}, "
                  f"device {self.backend.device_name}, kernels {self.kernels.impl} -> {self.run_dir}")
         c.step = start - 1
-        if cfg.algorithm.name.value == "hybrid":
-            return self.run_hybrid(state)
+        if hybrid_run:
+            return self.run_hybrid(state, info)
         code = self.loop(state, start)
         return code
 
-    def run_hybrid(self, state) -> int:
-        """Drive the hybrid parameter server's simulated clock; metrics on its time grid."""
+    def run_hybrid(self, state, info: Optional[dict]) -> int:
+        """Drive the hybrid parameter server (simulated or wall clock); metrics on its time grid.
+
+        Simulated clock: checkpoints every run.checkpoint_every updates and at a signal
+        (ranks agree after each update), each with the whole simulation state, so a
+        resumed run continues bit for bit; grid rows are flushed at each checkpoint.
+        Wall clock: a signal ends the run early through the server's clean shutdown and
+        the run is recorded as it stands; a wall clock cannot be continued, so `--resume`
+        of a wall-clock run that has its final checkpoint does nothing.
+        """
         from .algorithms import hybrid
-        c = self.comm
+        c, cfg = self.comm, self.cfg
+        wall_clock = cfg.algorithm.clock.value == "wall"
+        resume = None
+        if info is not None:
+            if wall_clock:
+                self.say(f"hpcopt: {self.run_dir} already holds the result of this wall-clock hybrid run "
+                         f"(checkpoint at update {info['step']}); a wall clock cannot be continued, so there is "
+                         f"nothing to resume (use --force to run it again)")
+                return 0
+            state = self.restore(info)
+            try:
+                resume = store.read_state(self.run_dir, info, 0, 0, [], list(hybrid.SIM_FIELDS))
+            except KeyError:
+                raise ConfigError(f"checkpoint step {info['step']} in {self.run_dir} holds no hybrid simulation "
+                                  f"state (written by another method?); use --force to start over") from None
+            if c.rank == 0:
+                dropped = self.rf.truncate_rows(int(resume["sim_clock"][4]))
+                self.rf.event(int(info["step"]), "resume", f"resumed the simulated clock at update {info['step']} "
+                                                           f"on {c.size} ranks; {dropped} later rows dropped")
+            self.say(f"hpcopt: resuming {cfg.run.name} at update {info['step']}")
         grid: Dict[str, list] = {k: [] for k in ("time", "version", "received", "K", "buffer", "train_loss",
                                                  "test_loss", "test_accuracy")}
         w_test = self.w_test
@@ -359,58 +394,104 @@ class Runner:
                 grid["test_accuracy"].append(float(self.backend.to_host(
                     self.model.accuracy(theta[None, :], self.X_test, self.y_test))[0]))
 
+        def flush_grid():
+            if c.rank == 0 and grid["time"]:
+                steps = np.asarray(grid["version"], np.int64)
+                self.rf.append("metrics", {"step": steps, "wall": np.asarray(grid["time"]),
+                                           "train_loss_mean": np.asarray(grid["train_loss"]),
+                                           "K": np.asarray(grid["K"], np.float64),
+                                           "buffer": np.asarray(grid["buffer"], np.float64),
+                                           "received": np.asarray(grid["received"], np.float64)})
+                self.rf.append("eval", {"step": steps, "time": np.asarray(grid["time"]),
+                                        "test_loss": np.asarray(grid["test_loss"]),
+                                        "test_accuracy": np.asarray(grid["test_accuracy"])})
+            for v in grid.values():
+                v.clear()
+
+        last_ckpt = int(info["step"]) if info is not None else -1
+        stop_reason = ""
+
+        def signalled() -> str:
+            return f"signal {signal.Signals(self.stop.signal).name}" if self.stop.signal is not None else ""
+
+        def control(version: int, snapshot) -> bool:
+            nonlocal last_ckpt, stop_reason
+            self.faults.at_step(version, c.rank)
+            want = self.stop.signal is not None
+            if c.size > 1:
+                want = c.agree(want)
+            every = cfg.run.checkpoint_every
+            if want or (every and version % every == 0):
+                flush_grid()
+                self.checkpoint(state, version, extra=snapshot())
+                last_ckpt = version
+            if want:
+                stop_reason = signalled() or "a stop request on another rank"
+            return want
+
         import resource
         t0 = time.perf_counter()
         r0 = resource.getrusage(resource.RUSAGE_SELF)
-        if self.cfg.algorithm.clock.value == "simulated":
-            res = hybrid.simulate(self.ctx, state, on_grid)
+        if not wall_clock:
+            res = hybrid.simulate(self.ctx, state, on_grid, control, resume)
         elif c.rank == 0:
-            res = hybrid.serve(self.ctx, state, on_grid)
+            res = hybrid.serve(self.ctx, state, on_grid, stop=lambda: self.stop.signal is not None)
+            stop_reason = signalled() if res["stopped"] else ""
         else:
             res = {"workers": hybrid.work(self.ctx)}
         wall = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / max(1e-9, wall)
-        if self.cfg.algorithm.clock.value == "wall":  # collect the workers' own statistics
+        self.state = state
+        if not wall_clock and res["stopped"]:
+            flush_grid()
+            if c.rank == 0:
+                self.rf.event(res["updates"], "stopped", f"stopped at update {res['updates']} by {stop_reason}; "
+                                                         f"checkpoint written")
+            self.say(f"hpcopt: stopped at update {res['updates']} by {stop_reason}; checkpoint written; "
+                     f"exit {EXIT_REQUEUE} (resume with --resume)")
+            return EXIT_REQUEUE
+        if wall_clock:  # collect the workers' own statistics
             gathered = c.gather_obj((res.get("workers"), cpu))
             if c.rank == 0:
                 res["workers"] = {k: np.array([g[0][k] for g in gathered[1:]]) for k in gathered[1][0]}
                 res["workers"]["cpu_fraction"] = np.array([g[1] for g in gathered[1:]])
-                res["delayed"] = hybrid.delayed_workers(self.cfg.run.seed, c.n, self.cfg.algorithm.delay_fraction)
+                res["delayed"] = hybrid.delayed_workers(cfg.run.seed, c.n, cfg.algorithm.delay_fraction)
                 res["server_cpu_fraction"] = cpu
             res["updates"] = c.bcast(res.get("updates"))
-        self.state = state
-        self.checkpoint(state, res["updates"])
+            stop_reason = c.bcast(stop_reason)
+        flush_grid()
+        if res["updates"] != last_ckpt:
+            self.checkpoint(state, res["updates"], extra=res.get("snapshot"))
         if c.rank == 0:
-            steps = np.asarray(grid["version"], np.int64)
-            self.rf.append("metrics", {"step": steps, "wall": np.asarray(grid["time"]),
-                                       "train_loss_mean": np.asarray(grid["train_loss"]),
-                                       "K": np.asarray(grid["K"], np.float64),
-                                       "buffer": np.asarray(grid["buffer"], np.float64),
-                                       "received": np.asarray(grid["received"], np.float64)})
-            self.rf.append("eval", {"step": steps, "time": np.asarray(grid["time"]),
-                                    "test_loss": np.asarray(grid["test_loss"]),
-                                    "test_accuracy": np.asarray(grid["test_accuracy"])})
+            ev = store.read_run(self.run_dir).get("eval", {})
+            accs = np.asarray(ev.get("test_accuracy", []), np.float64)
+            losses = np.asarray(ev.get("test_loss", []), np.float64)
             values, counts = np.unique(res["staleness"], return_counts=True)
             self.rf.write_table("staleness", {"staleness": values, "count": counts})
             self.rf.write_table("updates", {"buffer_size": np.asarray(res["buffer_sizes"], np.int64)})
             self.rf.write_table("workers", {"worker": np.arange(c.n), "delayed": res["delayed"].astype(np.int64),
                                             **{k: v for k, v in res["workers"].items()}})
-            acc = grid["test_accuracy"][-1] if grid["test_accuracy"] else float("nan")
             summary = {"steps": res["updates"], "updates": res["updates"], "received": res["received"],
                        "dropped": res["dropped"], "applied": res["applied"], "in_flight": res["in_flight"],
                        "simulated_seconds": res["end_time"],
                        "updates_per_second": res["updates"] / max(1e-12, res["end_time"]),
-                       "final_test_accuracy": acc, "best_test_accuracy": float(np.nanmax(grid["test_accuracy"])),
-                       "final_test_loss": grid["test_loss"][-1], "wall_seconds": wall,
+                       "final_test_accuracy": float(accs[-1]) if accs.size else float("nan"),
+                       "best_test_accuracy": float(np.nanmax(accs)) if accs.size else float("nan"),
+                       "final_test_loss": float(losses[-1]) if losses.size else float("nan"),
+                       "wall_seconds": wall,
                        "mean_staleness": float(res["staleness"].mean()) if res["staleness"].size else 0.0,
                        **({"server_cpu_fraction": res["server_cpu_fraction"]} if "server_cpu_fraction" in res else {}),
+                       **({"stopped_by": stop_reason} if stop_reason else {}),
                        "bytes_per_node": 0.0, "consensus_distance": 0.0, "steps_this_session": res["updates"]}
             self.rf.set_summary(summary)
-            self.rf.event(res["updates"], "finished", f"simulated {res['end_time']:.3g} s: {res['updates']} "
+            clock = "wall-clock" if wall_clock else "simulated"
+            early = f", ended early by {stop_reason}" if stop_reason else ""
+            self.rf.event(res["updates"], "finished", f"{clock} {res['end_time']:.3g} s{early}: {res['updates']} "
                                                       f"updates from {res['received']} gradients")
-            self.say(summary_table(self.cfg, summary, c.size) + f"\n  updates / gradients received     "
-                     f"{res['updates']} / {res['received']} (mean staleness {summary['mean_staleness']:.2f})")
+            self.say(summary_table(cfg, summary, c.size) + f"\n  updates / gradients received     "
+                     f"{res['updates']} / {res['received']} (mean staleness {summary['mean_staleness']:.2f})"
+                     + (f"\n  ended early by {stop_reason} (a wall clock cannot be continued)" if stop_reason else ""))
         return 0
 
     def loop(self, state, start: int) -> int:

@@ -193,6 +193,21 @@ class RunFile:
                         g[name].resize(keep, axis=0)
         return dropped
 
+    def truncate_rows(self, rows: int, groups=("metrics", "eval")) -> int:
+        """Keep the first `rows` rows of each group (a resumed run whose rows are not
+        keyed by a unique step, e.g. the hybrid method's time grid); returns rows dropped."""
+        dropped = 0
+        with flush_lock(self.path, exclusive=True), h5py.File(self.path, "a", locking=False) as f:
+            for group in groups:
+                g = f.get(group)
+                if g is None:
+                    continue
+                for name in g:
+                    if g[name].shape[0] > rows:
+                        dropped = max(dropped, g[name].shape[0] - rows)
+                        g[name].resize(rows, axis=0)
+        return dropped
+
     def set_summary(self, values: Dict[str, object]) -> None:
         with flush_lock(self.path, exclusive=True), h5py.File(self.path, "a", locking=False) as f:
             g = f.require_group("summary")

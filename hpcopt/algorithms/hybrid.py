@@ -19,13 +19,16 @@ the same simulation over all workers' data; rank 0 records it). Workers released
 together read the same theta and compute their gradients as one batch; the buffered
 gradients are combined in worker order with the same fused row-sum as `comm.mean`, so
 K = W reproduces synchronous SGD exactly. Staleness of an applied gradient = server
-version at the update minus the version the worker read.
+version at the update minus the version the worker read. The whole simulation state
+(event queue, buffered and in-flight gradients, counters) is part of a checkpoint, so a
+stopped run resumes bit for bit; a checkpoint is taken after an update, its step is the
+server version.
 """
 from __future__ import annotations
 
 import heapq
 import time
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict, NamedTuple, Optional
 
 import numpy as np
 
@@ -33,6 +36,10 @@ from .. import optim
 from ..data import keyed_bits, step_rng
 
 SHARDED: tuple = ()
+# the simulated clock's state beyond theta and m, saved with every checkpoint
+SIM_FIELDS = ("sim_grads", "sim_losses", "sim_read", "sim_count", "sim_sent", "sim_compute_seconds",
+              "sim_delay_seconds", "sim_blocked_seconds", "sim_sent_at", "sim_event_time", "sim_event_worker",
+              "sim_buffer", "sim_staleness", "sim_buffer_sizes", "sim_clock")
 
 
 class State(NamedTuple):
@@ -79,8 +86,16 @@ def init(ctx, x0) -> State:
     return State(theta, b.zeros(theta.shape if optim.uses_momentum(ctx.cfg.optimizer) else (0,)))
 
 
-def simulate(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
-    """Run the whole simulated budget; `on_grid(row)` is called at every grid time."""
+def simulate(ctx, state: State, on_grid: Callable[[Dict], None],
+             control: Optional[Callable[[int, Callable[[], Dict]], bool]] = None,
+             resume: Optional[Dict] = None) -> Dict:
+    """Run the simulated budget; `on_grid(row)` is called at every grid time.
+
+    `control(version, snapshot)` runs after every update; `snapshot()` gives the
+    simulation state (SIM_FIELDS) for a checkpoint, and a true return value stops the
+    run there (result "stopped"). `resume` is such a snapshot to continue from, with
+    `state` restored from the same checkpoint.
+    """
     cfg, alg, b, xp = ctx.cfg, ctx.cfg.algorithm, ctx.backend, ctx.backend.xp
     W = ctx.comm.n
     data, model = ctx.workspace["all_nodes"], ctx.model
@@ -102,6 +117,33 @@ def simulate(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
     staleness: list = []
     buffer_sizes: list = []
     lr_total = cfg.run.steps
+    next_grid = 0.0
+    if resume is not None:
+        grads[...] = b.asarray(resume["sim_grads"])
+        losses[:], read[:], count[:], sent_at[:] = (resume[k] for k in ("sim_losses", "sim_read", "sim_count",
+                                                                       "sim_sent_at"))
+        for k in stats:
+            stats[k][:] = resume["sim_" + k]
+        events = [(float(t), int(r)) for t, r in zip(resume["sim_event_time"], resume["sim_event_worker"])]
+        buffer = [int(r) for r in resume["sim_buffer"]]
+        staleness = [int(v) for v in resume["sim_staleness"]]
+        buffer_sizes = [int(v) for v in resume["sim_buffer_sizes"]]
+        clock = resume["sim_clock"]
+        version, received, now, next_grid = int(clock[0]), int(clock[1]), float(clock[2]), float(clock[3])
+        emitted = int(clock[4])
+    else:
+        emitted = 0  # grid rows handed to on_grid
+
+    def snapshot() -> Dict:
+        """The simulation state after the current event (host arrays; the heap kept in its order)."""
+        return {"sim_grads": b.to_host(grads), "sim_losses": losses.copy(), "sim_read": read.copy(),
+                "sim_count": count.copy(), "sim_sent_at": sent_at.copy(),
+                **{"sim_" + k: v.copy() for k, v in stats.items()},
+                "sim_event_time": np.array([e[0] for e in events], np.float64),
+                "sim_event_worker": np.array([e[1] for e in events], np.int64),
+                "sim_buffer": np.array(buffer, np.int64), "sim_staleness": np.array(staleness, np.int64),
+                "sim_buffer_sizes": np.array(buffer_sizes, np.int64),
+                "sim_clock": np.array([version, received, now, next_grid, emitted], np.float64)}
 
     def release(workers: np.ndarray, t: float) -> None:
         rows = np.sort(workers)
@@ -121,18 +163,19 @@ def simulate(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
             heapq.heappush(events, (t + alg.compute_time + delay, int(r)))
             count[r] += 1
 
-    next_grid = 0.0
-
     def emit_until(t: float) -> None:
-        nonlocal next_grid
+        nonlocal next_grid, emitted
         while next_grid <= min(t, budget_t):
+            emitted += 1
             on_grid({"time": next_grid, "version": version, "received": received,
                      "K": threshold(alg, W, received, next_grid), "buffer": len(buffer),
                      "train_loss": float(losses[count > 0].mean()) if (count > 0).any() else np.nan,
                      "theta": state.theta})
             next_grid += grid_dt
 
-    release(np.arange(W), 0.0)
+    if resume is None:
+        release(np.arange(W), 0.0)
+    stopped = False
     while events:
         t, r = heapq.heappop(events)
         if t > budget_t or received >= budget_g:
@@ -155,13 +198,18 @@ def simulate(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
             version += 1
             buffer = []
             release(rows, now)
-    end = now if not np.isfinite(budget_t) else budget_t
-    emit_until(end)
+            if control is not None and control(version, snapshot):
+                stopped = True
+                break
+    end = now if stopped or not np.isfinite(budget_t) else budget_t
+    if not stopped:
+        emit_until(end)
     # every received gradient is applied once or dropped (still buffered at the end);
     # gradients being computed at the end were never sent
     return {"updates": version, "received": received, "dropped": len(buffer), "in_flight": len(events),
             "applied": len(staleness), "staleness": np.asarray(staleness),
-            "buffer_sizes": np.asarray(buffer_sizes), "workers": stats, "delayed": slow, "end_time": end}
+            "buffer_sizes": np.asarray(buffer_sizes), "workers": stats, "delayed": slow, "end_time": end,
+            "stopped": stopped, "snapshot": snapshot()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,11 +223,13 @@ def _pack_version(v: int):
     return float(v % 65536), float(v // 65536)  # both exact in float32
 
 
-def serve(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
+def serve(ctx, state: State, on_grid: Callable[[Dict], None],
+          stop: Optional[Callable[[], bool]] = None) -> Dict:
     """The parameter server's loop (rank 0): buffer, apply at >= K, release, stop cleanly.
 
     Waits poll a posted any-source receive and sleep between polls (back-off up to
-    comm.poll), so a waiting server uses little CPU.
+    comm.poll), so a waiting server uses little CPU. A true `stop()` (a signal) ends the
+    run early through the same clean shutdown as the end of the budget.
     """
     cfg, alg, b, comm = ctx.cfg, ctx.cfg.algorithm, ctx.backend, ctx.comm
     W, d = comm.n, state.theta.shape[0]
@@ -232,10 +282,14 @@ def serve(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
     release(range(W))
     pending = comm.irecv_any(recv_buf, TAG_GRAD)
     nap = 1e-5
+    stopped = False
     while True:
         now = time.perf_counter() - t0
         emit_until(min(now, budget_t))
         if now >= budget_t or received >= budget_g:
+            break
+        if stop is not None and stop():
+            stopped = True
             break
         src = comm.test_any(pending)
         if src < 0:
@@ -279,7 +333,7 @@ def serve(ctx, state: State, on_grid: Callable[[Dict], None]) -> Dict:
     comm.wait(sends, "hybrid_param")
     return {"updates": version, "received": received, "dropped": dropped, "in_flight": 0,
             "applied": len(staleness), "staleness": np.asarray(staleness), "end_time": end,
-            "buffer_sizes": np.asarray(buffer_sizes)}
+            "buffer_sizes": np.asarray(buffer_sizes), "stopped": stopped}
 
 
 def work(ctx) -> Dict[str, float]:

@@ -1,9 +1,16 @@
-"""Hybrid async->sync parameter server on the simulated clock."""
+"""Hybrid async->sync parameter server on the simulated and the wall clock."""
+import signal
+import subprocess
+import sys
+import threading
+import time
+
 import numpy as np
+import pytest
 
 from hpcopt import config, store
 from hpcopt.algorithms import hybrid
-from tests.helpers import REPO, check, run_hpcopt_mpi
+from tests.helpers import REPO, check, env, mpiexec_path, run_hpcopt_mpi
 
 QUICK = str(REPO / "configs" / "quickstart.yaml")
 BASE = ["--set", "algorithm.name=hybrid", "--set", "nodes.n=8", "--set", "optimizer.schedule=constant",
@@ -78,3 +85,72 @@ def test_wall_clock_applies_or_drops_every_gradient_and_stops_cleanly(tmp_path):
     bad = run_hpcopt_mpi(4, ["run", QUICK, "--out", tmp_path / "bad", *BASE, "--set", "nodes.n=4",
                              "--set", "algorithm.clock=wall", "--set", "algorithm.budget_seconds=1"])
     assert bad.returncode == 2 and "mpiexec -n 5" in bad.stderr
+
+
+def test_simulated_run_stopped_by_a_signal_resumes_bit_for_bit(tmp_path):
+    args = [*BASE, "--set", "algorithm.budget_seconds=20", "--set", "algorithm.k_every=50",
+            "--set", "run.checkpoint_every=50"]
+    check(run_hpcopt_mpi(1, ["run", QUICK, "--out", tmp_path / "ref", *args]))
+    # rank 1 of 2 gets SIGTERM after update 120: both ranks agree, checkpoint, exit 75
+    out = tmp_path / "run"
+    stopped = run_hpcopt_mpi(2, ["run", QUICK, "--out", out, *args], HPCOPT_FAULT="term@120:1")
+    assert stopped.returncode == 75, stopped.stderr
+    assert "stopped at update 120 by" in stopped.stdout
+    assert store.latest(str(out))[0]["step"] == 120
+    check(run_hpcopt_mpi(1, ["run", QUICK, "--out", out, *args, "--resume"]))  # on another rank count
+    ref, run = store.read_run(str(tmp_path / "ref")), store.read_run(str(out))
+    assert np.array_equal(theta(tmp_path / "ref")[1], theta(out)[1])
+    for group in ("metrics", "eval"):  # the rows after the checkpoint were dropped and written again
+        for k, v in ref[group].items():
+            assert np.array_equal(v, run[group][k], equal_nan=True), (group, k)
+    for name, table in ref["tables"].items():
+        for k, v in table.items():
+            assert np.array_equal(v, run["tables"][name][k]), (name, k)
+    for k in ("received", "applied", "dropped", "in_flight", "final_test_accuracy", "best_test_accuracy"):
+        assert ref["summary"][k] == run["summary"][k], k
+    assert run["events"]["kind"].tolist() == ["stopped", "resume", "finished"]
+    # resuming a finished run changes nothing
+    check(run_hpcopt_mpi(1, ["run", QUICK, "--out", out, *args, "--resume"]))
+    again = store.read_run(str(out))
+    assert np.array_equal(again["eval"]["test_accuracy"], ref["eval"]["test_accuracy"])
+    assert np.array_equal(theta(out)[1], theta(tmp_path / "ref")[1])
+
+
+def test_wall_clock_run_ends_early_on_sigterm_and_is_not_run_twice(tmp_path):
+    exe = mpiexec_path()
+    if exe is None:
+        pytest.skip("no mpiexec on PATH or beside the Python interpreter (install the mpich wheel)")
+    out = tmp_path / "w"
+    args = ["run", QUICK, "--out", str(out), *BASE, "--set", "nodes.n=4", "--set", "algorithm.clock=wall",
+            "--set", "algorithm.budget_seconds=120"]
+    p = subprocess.Popen([exe, "-n", "5", sys.executable, "-m", "mpi4py", "-m", "hpcopt", *args], env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = threading.Event()
+    lines = []
+
+    def read():
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("hpcopt: hybrid on"):
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(60), p.stderr.read()
+    time.sleep(2)  # the server is serving
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=30)  # well before the 120 s budget
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
+    reader.join(5)
+    assert p.returncode == 0, p.stderr.read()
+    run = store.read_run(str(out))
+    s, w = run["summary"], run["tables"]["workers"]
+    assert s["stopped_by"] == "signal SIGTERM" and s["simulated_seconds"] < 60
+    assert w["sent"].sum() == s["received"] == s["applied"] + s["dropped"]  # the same clean shutdown
+    assert len(run["eval"]["step"]) > 0
+    again = check(run_hpcopt_mpi(5, args + ["--resume"], timeout=60))
+    assert "nothing to resume" in again.stdout
+    assert store.read_run(str(out))["summary"]["received"] == s["received"]
