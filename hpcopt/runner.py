@@ -317,6 +317,11 @@ class Runner:
         cfg, c = self.cfg, self.comm
         info = self.prepare_dir()
         x0 = self.model.init(cfg.run.seed if cfg.model.init_seed < 0 else cfg.model.init_seed)
+        if info is not None and hasattr(self.algo, "restore_workspace"):  # e.g. Teleportation's searched k
+            tables = c.bcast(store.read_run(self.run_dir).get("tables", {}) if c.rank == 0 else None)
+            note = self.algo.restore_workspace(self.ctx, tables)
+            if note:
+                self.say(f"hpcopt: {note}")
         state = self.algo.init(self.ctx, x0)
         if c.rank == 0:
             for name, table in self.ctx.workspace.get("tables", {}).items():

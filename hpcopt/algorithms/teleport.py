@@ -162,11 +162,24 @@ def k_search(ctx, x0) -> int:
             table["batch"].append(bi)
             table["validation_loss"].append(float(vl[g]))
             table["validation_accuracy"].append(float(va[g]))
-    losses = np.array(table["validation_loss"])
-    losses[~np.isfinite(losses)] = np.inf
-    best = int(np.array(table["k"])[int(np.argmin(losses))])
     ctx.workspace.setdefault("tables", {})["k_search"] = {k: np.asarray(v) for k, v in table.items()}
-    return best
+    return best_k(table)
+
+
+def best_k(table) -> int:
+    """The candidate with the lowest finite validation loss (the first on ties)."""
+    losses = np.array(table["validation_loss"], np.float64)
+    losses[~np.isfinite(losses)] = np.inf
+    return int(np.asarray(table["k"])[int(np.argmin(losses))])
+
+
+def restore_workspace(ctx, tables) -> str:
+    """On resume: take k from the search recorded in run.h5 instead of searching again."""
+    table = tables.get("k_search")
+    if ctx.cfg.algorithm.k != 0 or not table:
+        return ""
+    ctx.workspace["teleport_k"] = best_k(table)
+    return f"k = {ctx.workspace['teleport_k']} from the k search recorded in run.h5 (not searched again)"
 
 
 def chosen_k(ctx) -> int:

@@ -79,3 +79,18 @@ def test_k_auto_searches_and_records_the_table(tmp_path):
     best = int(table["k"][np.argmin(table["validation_loss"])])
     assert run["metrics"]["token_node"].shape == (40, best)
     assert "k_search" in proc.stdout
+
+
+
+def test_resumed_k_search_run_takes_k_from_the_run_file(tmp_path):
+    args = [*TP, "--set", "algorithm.k=auto", "--set", "algorithm.search_steps=20"]
+    stopped = run_hpcopt_mpi(2, ["run", QUICK, "--out", tmp_path / "a", *args, "--set", "run.stop_after=25"])
+    assert stopped.returncode == 75, stopped.stderr
+    assert "k_search:" in stopped.stdout
+    table = store.read_run(str(tmp_path / "a"))["tables"]["k_search"]
+    best = int(table["k"][np.argmin(table["validation_loss"])])
+    resumed = check(run_hpcopt_mpi(2, ["run", QUICK, "--out", tmp_path / "a", *args, "--resume"]))
+    assert f"k = {best} from the k search recorded in run.h5" in resumed.stdout
+    assert "k_search:" not in resumed.stdout  # not searched again
+    check(run_hpcopt_mpi(2, ["run", QUICK, "--out", tmp_path / "b", *args]))
+    assert np.array_equal(final_x(tmp_path / "a"), final_x(tmp_path / "b"))
