@@ -219,22 +219,13 @@ class Comm:
         self.comm.Abort(3)
         raise CommTimeout(msg)  # only reached with a fake communicator in tests
 
-    def _blocking(self, call, arg, op: str, peers: Sequence[int] = ()) -> None:
-        """call(arg), a blocking MPI call, with the watchdog armed for `timeout` seconds."""
+    def _blocking(self, op: str, peers: Sequence[int], call, *args) -> None:
+        """call(*args), a blocking MPI call, with the watchdog armed for `timeout` seconds
+        (its time counts as waiting: it cannot be told apart from the transfer)."""
         t0 = time.perf_counter()
         self._armed = (t0 + self.timeout, op, peers)
         try:
-            call(arg)
-        finally:
-            self._armed = None
-            self.wait_seconds += time.perf_counter() - t0
-
-    def _blocking_allreduce(self, send, recv, mpi_op, op: str) -> None:
-        """A blocking Allreduce with the watchdog armed for `timeout` seconds."""
-        t0 = time.perf_counter()
-        self._armed = (t0 + self.timeout, op, ())
-        try:
-            self.comm.Allreduce(send, recv, mpi_op)
+            call(*args)
         finally:
             self._armed = None
             self.wait_seconds += time.perf_counter() - t0
@@ -441,7 +432,7 @@ class Comm:
         X, plan, remote, reqs, peers, after, nbytes, spent = handle
         t0 = time.perf_counter()
         if nbytes <= self.blocking_bytes:
-            self._blocking(self.MPI.Request.Waitall, reqs, "mix", peers)
+            self._blocking("mix", peers, self.MPI.Request.Waitall, reqs)
         else:
             self.wait(reqs, "mix", peers)
         for cb in after:
@@ -463,7 +454,7 @@ class Comm:
         """One all-reduce of MPI-ready buffers: blocking under the watchdog when small,
         otherwise nonblocking with a polite wait."""
         if nbytes <= self.blocking_bytes:
-            self._blocking_allreduce(send, recv, mpi_op, name)
+            self._blocking(name, (), self.comm.Allreduce, send, recv, mpi_op)
         else:
             self.wait([self.comm.Iallreduce(send, recv, op=mpi_op)], name)
 
@@ -519,7 +510,7 @@ class Comm:
         nbytes = out.nbytes if self.size > 1 else 0
         if nbytes:
             if type(out) is np.ndarray and nbytes <= self.blocking_bytes:  # the common case, kept short
-                self._blocking_allreduce(self._in_place, out, self._sum, "mean")
+                self._blocking("mean", (), self.comm.Allreduce, self._in_place, out, self._sum)
             else:
                 self._reduce_inplace(out, "sum", "mean")
         self._count("mean", nbytes, time.perf_counter() - t0)
