@@ -37,6 +37,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -179,10 +180,12 @@ class Comm:
         self._in_place, self._sum = MPI.IN_PLACE, MPI.SUM
         # small collectives block under a watchdog only where a second thread may call MPI
         threaded = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
-        self.blocking_bytes = int(blocking_bytes) if threaded else -1
+        self.blocking_bytes = int(blocking_bytes) if threaded and blocking_bytes > 0 else -1  # -1: always polite
         self._armed: Optional[Tuple[float, str, Sequence[int]]] = None  # (deadline, op, peers) of a blocking call
+        self._closed = False
         if self.blocking_bytes >= 0 and self.size > 1:
-            threading.Thread(target=self._watch, name="hpcopt-comm-watchdog", daemon=True).start()
+            threading.Thread(target=_watchdog, args=(weakref.ref(self), min(0.5, self.timeout / 8)),
+                             name="hpcopt-comm-watchdog", daemon=True).start()
 
     # ---------------------------------------------------------------------------------
     # bookkeeping
@@ -229,16 +232,6 @@ class Comm:
         finally:
             self._armed = None
             self.wait_seconds += time.perf_counter() - t0
-
-    def _watch(self) -> None:
-        """Watchdog thread: wakes a few times per timeout and aborts a call that overran it.
-        It holds no lock and reads one tuple, so the calling thread pays two assignments."""
-        period = min(0.5, self.timeout / 8)
-        while True:
-            time.sleep(period)
-            armed = self._armed
-            if armed is not None and time.perf_counter() > armed[0] and self._armed is armed:
-                self._abort(armed[1], sorted(set(armed[2])))
 
     # -- parameter-server messages (the hybrid method's wall clock) ----------------------
 
@@ -626,10 +619,26 @@ class Comm:
         return X
 
     def free(self) -> None:
+        self._closed = True  # ends the watchdog thread
         try:
             self.comm.Free()
         except Exception:  # noqa: BLE001 -- already finalized at interpreter exit
             pass
+
+
+def _watchdog(ref, period: float) -> None:
+    """The watchdog thread of one Comm: wakes every `period` seconds and aborts the job when
+    a blocking call has outlived its deadline. It holds no lock and only a weak reference,
+    so the calling thread pays two assignments per call and a dropped or freed Comm ends it."""
+    while True:
+        time.sleep(period)
+        comm = ref()
+        if comm is None or comm._closed:
+            return
+        armed = comm._armed
+        if armed is not None and time.perf_counter() > armed[0] and comm._armed is armed:
+            comm._abort(armed[1], sorted(set(armed[2])))
+        del comm
 
 
 def _contiguous(rows) -> bool:

@@ -8,3 +8,8 @@ from tests.helpers import check, run_script
 def test_collectives_exact(ranks, mode):
     proc = check(run_script(ranks, "collectives.py", mode, timeout=120))
     assert proc.stdout.count("collectives ok") == ranks
+
+
+def test_watchdog_thread_lives_as_long_as_its_comm():
+    proc = check(run_script(2, "watchdog_lifetime.py", timeout=60))
+    assert proc.stdout.count("ok") == 2
