@@ -18,24 +18,17 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 import numpy as np
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.comm import paired  # noqa: E402  (alternating medians of the slowest rank)
 from hpcopt.comm import Comm  # noqa: E402
 from hpcopt.kernels import Kernels  # noqa: E402
 
 world = MPI.COMM_WORLD
 rank, size = world.Get_rank(), world.Get_size()
-
-
-def slowest(fn) -> float:
-    world.Barrier()
-    t0 = time.perf_counter()
-    fn()
-    return world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
 
 
 def main() -> None:
@@ -68,15 +61,7 @@ def main() -> None:
 
         ours(), gloo()
         assert np.allclose(ours_out, buf, rtol=1e-4, atol=1e-5)
-        a, b = [], []
-        for i in range(reps):
-            if i % 2:
-                a.append(slowest(ours))
-                b.append(slowest(gloo))
-            else:
-                b.append(slowest(gloo))
-                a.append(slowest(ours))
-        t_ours, t_gloo = float(np.median(a)), float(np.median(b))
+        t_ours, t_gloo = paired(ours, gloo, reps)
         rows.append({"d": d, "ranks": size, "hpcopt_ms": t_ours * 1e3, "gloo_ms": t_gloo * 1e3,
                      "ratio": t_ours / t_gloo})
     dist.destroy_process_group()

@@ -46,7 +46,7 @@ def config(n: int, steps: int) -> dict:
 def hpcopt_rate(n: int, steps: int, workdir: str) -> float:
     """Node-steps/s of hpcopt on this process (one rank)."""
     from hpcopt import config as config_mod
-    from hpcopt import runner, store
+    from hpcopt import runner
     cfg = config_mod.from_dict(config(n, steps))
     r = runner.Runner(cfg, "", os.path.join(workdir, f"hp{n}"), force=True, out=io.StringIO())
     assert r.run() == 0
