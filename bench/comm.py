@@ -63,6 +63,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=40)
     p.add_argument("--json", default="")
+    p.add_argument("--max-d", type=float, default=1e7, help="largest d (a quick run: 1e3)")
     p.add_argument("--blocking-bytes", type=int, default=1 << 20,
                    help="comm.blocking_bytes for hpcopt's side (default: the config default)")
     args = p.parse_args()
@@ -73,7 +74,7 @@ def main() -> None:
     w_self = np.float32(W[rank, rank])
     w_peer = [np.float32(W[rank, q]) for q in peers]
     rows = []
-    for d in (10**3, 10**4, 10**5, 10**6, 10**7):
+    for d in [10**k for k in range(3, 8) if 10**k <= args.max_d]:
         # small sizes take microseconds: many more repetitions for a stable median
         reps = max(5, args.reps // 3) if d >= 10**7 else args.reps * (10 if d <= 10**4 else 1)
         X = np.random.default_rng(rank).standard_normal((1, d)).astype(np.float32)

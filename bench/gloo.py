@@ -35,6 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--json", default="")
+    p.add_argument("--max-d", type=float, default=1e7, help="largest d (a quick run: 1e3)")
     args = p.parse_args()
     import torch
     import torch.distributed as dist
@@ -44,7 +45,7 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=size)
     comm = Comm(size, kernels=Kernels(mode="auto", threads=1), timeout=600)
     rows = []
-    for d in (10**3, 10**4, 10**5, 10**6, 10**7):
+    for d in [10**k for k in range(3, 8) if 10**k <= args.max_d]:
         reps = max(5, args.reps // 4) if d >= 10**7 else args.reps * (5 if d <= 10**4 else 1)
         X = np.random.default_rng(rank).standard_normal((1, d)).astype(np.float32)
         ours_out = np.empty(d, np.float32)
