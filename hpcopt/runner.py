@@ -419,10 +419,15 @@ class Runner:
         def signalled() -> str:
             return f"signal {signal.Signals(self.stop.signal).name}" if self.stop.signal is not None else ""
 
+        first_version = int(info["step"]) if info is not None else 0
+        t_session = time.perf_counter()
+
         def control(version: int, snapshot) -> bool:
             nonlocal last_ckpt, stop_reason
             self.faults.at_step(version, c.rank)
-            want = self.stop.signal is not None
+            over_budget = ((cfg.run.stop_after > 0 and version - first_version >= cfg.run.stop_after)
+                           or (cfg.run.max_wall > 0 and time.perf_counter() - t_session > cfg.run.max_wall))
+            want = self.stop.signal is not None or over_budget
             if c.size > 1:
                 want = c.agree(want)
             every = cfg.run.checkpoint_every
@@ -431,7 +436,8 @@ class Runner:
                 self.checkpoint(state, version, extra=snapshot())
                 last_ckpt = version
             if want:
-                stop_reason = signalled() or "a stop request on another rank"
+                stop_reason = signalled() or ("run.max_wall / run.stop_after" if over_budget
+                                              else "a stop request on another rank")
             return want
 
         import resource

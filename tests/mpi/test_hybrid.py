@@ -97,6 +97,9 @@ def test_simulated_run_stopped_by_a_signal_resumes_bit_for_bit(tmp_path):
     assert stopped.returncode == 75, stopped.stderr
     assert "stopped at update 120 by" in stopped.stdout
     assert store.latest(str(out))[0]["step"] == 120
+    # a second session stops itself after 30 updates (run.stop_after), like a time limit
+    again = run_hpcopt_mpi(1, ["run", QUICK, "--out", out, *args, "--resume", "--set", "run.stop_after=30"])
+    assert again.returncode == 75 and "stopped at update 150 by run.max_wall / run.stop_after" in again.stdout
     check(run_hpcopt_mpi(1, ["run", QUICK, "--out", out, *args, "--resume"]))  # on another rank count
     ref, run = store.read_run(str(tmp_path / "ref")), store.read_run(str(out))
     assert np.array_equal(theta(tmp_path / "ref")[1], theta(out)[1])
@@ -108,7 +111,7 @@ def test_simulated_run_stopped_by_a_signal_resumes_bit_for_bit(tmp_path):
             assert np.array_equal(v, run["tables"][name][k]), (name, k)
     for k in ("received", "applied", "dropped", "in_flight", "final_test_accuracy", "best_test_accuracy"):
         assert ref["summary"][k] == run["summary"][k], k
-    assert run["events"]["kind"].tolist() == ["stopped", "resume", "finished"]
+    assert run["events"]["kind"].tolist() == ["stopped", "resume", "stopped", "resume", "finished"]
     # resuming a finished run changes nothing
     check(run_hpcopt_mpi(1, ["run", QUICK, "--out", out, *args, "--resume"]))
     again = store.read_run(str(out))
