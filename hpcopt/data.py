@@ -51,31 +51,74 @@ class Dataset(NamedTuple):
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
 def _mix64(z: np.ndarray) -> np.ndarray:
-    z = z ^ (z >> np.uint64(30))
-    z = z * np.uint64(0xBF58476D1CE4E5B9)
-    z = z ^ (z >> np.uint64(27))
-    z = z * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    """The splitmix64 finaliser, element-wise (uint64, wrapping)."""
+    z = z ^ (z >> _S30)
+    z = z * _M1
+    z = z ^ (z >> _S27)
+    z = z * _M2
+    return z ^ (z >> _S31)
+
+
+def _mix64_inplace(z: np.ndarray) -> np.ndarray:
+    """`_mix64` overwriting z, with one scratch array (the big (nodes, count) case)."""
+    t = np.right_shift(z, _S30)
+    z ^= t
+    z *= _M1
+    np.right_shift(z, _S27, out=t)
+    z ^= t
+    z *= _M2
+    np.right_shift(z, _S31, out=t)
+    z ^= t
+    return z
+
+
+_NODE_KEYS: dict = {}  # (seed, stream, node ids) -> (len, 1) keys: the same nodes ask every step
+_COUNTERS: dict = {}  # count -> (1, count) offsets (j + 1) * golden
+
+
+def _node_keys(seed: int, stream: int, nodes) -> np.ndarray:
+    ids = np.asarray(nodes, np.uint64)
+    key = (int(seed), int(stream), ids.tobytes())
+    k = _NODE_KEYS.get(key)
+    if k is None:
+        with np.errstate(over="ignore"):
+            k = _mix64(np.array([seed], np.uint64) * _GOLDEN + np.uint64(stream))
+            k = _mix64(k ^ (ids[:, None] * _GOLDEN + np.uint64(1)))
+        if len(_NODE_KEYS) >= 1024:
+            _NODE_KEYS.clear()
+        _NODE_KEYS[key] = k
+    return k
 
 
 def keyed_bits(seed: int, nodes: Sequence[int], step, count: int, stream: int = 0) -> np.ndarray:
     """(len(nodes), count) uint64 random words, a pure function of (seed, stream, node, step, j);
-    `step` is one integer or one per node."""
+    `step` is one integer or one per node.
+
+    bits[v, j] = mix(mix(mix(mix(seed * g + stream) ^ (node_v * g + 1)) ^ (step * g + 2)) + (j + 1) * g)
+    with mix the splitmix64 finaliser and g the golden-ratio constant; the per-node part is
+    cached, since the same nodes draw at every step.
+    """
     with np.errstate(over="ignore"):
-        k = _mix64(np.array([seed], np.uint64) * _GOLDEN + np.uint64(stream))
-        k = _mix64(k ^ (np.asarray(nodes, np.uint64)[:, None] * _GOLDEN + np.uint64(1)))
+        k = _node_keys(seed, stream, nodes)
         steps = np.asarray(step, np.uint64).reshape(-1, 1)  # one step for all nodes, or one per node
         k = _mix64(k ^ (steps * _GOLDEN + np.uint64(2)))
-        j = np.arange(count, dtype=np.uint64)[None, :]
-        return _mix64(k + (j + np.uint64(1)) * _GOLDEN)
+        offsets = _COUNTERS.get(count)
+        if offsets is None:
+            offsets = _COUNTERS[count] = (np.arange(count, dtype=np.uint64)[None, :] + np.uint64(1)) * _GOLDEN
+        return _mix64_inplace(k + offsets)
 
 
 def keyed_ints(seed: int, nodes: Sequence[int], step, count: int, high: np.ndarray,
                stream: int = 0) -> np.ndarray:
     """Uniform integers in [0, high[node]) of shape (len(nodes), count)."""
     bits = keyed_bits(seed, nodes, step, count, stream)
-    return (bits % np.asarray(high, np.uint64)[:, None]).astype(np.int64)
+    np.remainder(bits, np.asarray(high, np.uint64)[:, None], out=bits)
+    return bits.view(np.int64)  # values below high < 2**63: the same bits as int64
 
 
 def step_rng(seed: int, step: int, tag: int = 0) -> np.random.Generator:

@@ -57,6 +57,35 @@ def test_keyed_streams_do_not_depend_on_grouping():
     assert counts.min() > 9000 and counts.max() < 11000
 
 
+def _splitmix_finaliser(z: int) -> int:
+    mask = (1 << 64) - 1
+    z ^= z >> 30
+    z = (z * 0xBF58476D1CE4E5B9) & mask
+    z ^= z >> 27
+    z = (z * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_keyed_bits_are_the_documented_formula():
+    # an independent evaluation with Python integers; the vectorised version caches the
+    # per-node keys, so it is asked twice, for several nodes, steps, streams and counts
+    g, mask = 0x9E3779B97F4A7C15, (1 << 64) - 1
+
+    def expect(seed, stream, node, step, j):
+        k = _splitmix_finaliser((seed * g + stream) & mask)
+        k = _splitmix_finaliser(k ^ ((node * g + 1) & mask))
+        k = _splitmix_finaliser(k ^ ((step * g + 2) & mask))
+        return _splitmix_finaliser((k + (j + 1) * g) & mask)
+
+    for _ in range(2):
+        for seed, stream, nodes, step, count in [(0, 0, [0, 5, 255], 3, 4), (2**40 + 7, 29, [1], 10**6, 2),
+                                                 (3, 7, [4, 2], [8, 9], 3)]:
+            bits = data.keyed_bits(seed, nodes, step, count, stream)
+            steps = step if isinstance(step, list) else [step] * len(nodes)
+            for i, (node, st) in enumerate(zip(nodes, steps)):
+                assert [int(b) for b in bits[i]] == [expect(seed, stream, node, st, j) for j in range(count)]
+
+
 def test_node_data_batches_match_per_node_samplers():
     ds = data.load(dcfg(dataset="digits"), 6)
     parts = data.partition(ds, 6, "dirichlet", alpha=0.5)
