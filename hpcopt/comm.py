@@ -26,8 +26,11 @@ extra node). A rank holds its nodes' rows as one `(local_n, d)` array; `mix`, `m
   transfer itself (10-40 us per call with 4 ranks on 2 cores). The timeout still holds:
   a watchdog thread, armed for the duration of the call, aborts the job with the same
   message. The price: a rank waiting there for a late peer keeps its core busy (the
-  library polls), so with stragglers on shared cores `blocking_bytes = 0` is the polite
-  choice. (Needs MPI_THREAD_MULTIPLE; with a lower thread level every wait is polite.)
+  library polls). So the default (`blocking_bytes = -1`, auto) blocks up to 1 MiB only
+  where every host has a core per rank (the union of the ranks' CPU affinities), and
+  waits politely everywhere when ranks share cores; all ranks agree on the choice, since
+  blocking and nonblocking collectives do not match each other. (Needs
+  MPI_THREAD_MULTIPLE; with a lower thread level every wait is polite.)
 * Every operation counts calls, bytes sent and seconds (`counters`).
 """
 from __future__ import annotations
@@ -47,6 +50,7 @@ from . import backend as backend_mod
 from .kernels import Kernels
 
 TAG_MIX, TAG_MOVE = 11, 12
+AUTO_BLOCKING_BYTES = 1 << 20  # comm.blocking_bytes = auto where ranks do not share cores
 
 
 class Placement:
@@ -152,7 +156,7 @@ class Comm:
     def __init__(self, n_nodes: int, *, backend: Optional[backend_mod.Backend] = None,
                  kernels: Optional[Kernels] = None, timeout: float = 300.0, poll: float = 2e-4,
                  spin: float = 0.01, cuda_aware: str = "auto", mpi_comm: Any = None, server: bool = False,
-                 blocking_bytes: int = 1 << 20):
+                 blocking_bytes: int = -1):
         from mpi4py import MPI
         self.MPI = MPI
         self.comm = (mpi_comm if mpi_comm is not None else MPI.COMM_WORLD).Dup()
@@ -164,7 +168,10 @@ class Comm:
         self.local_n = self.hi - self.lo
         shared = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = shared.Get_rank(), shared.Get_size()
+        # cores this host's ranks may run on (the union of their CPU affinities)
+        cores = set().union(*shared.allgather(sorted(os.sched_getaffinity(0))))
         shared.Free()
+        self.oversubscribed = bool(self.comm.allreduce(int(self.local_size > len(cores)), op=MPI.MAX))
         self.backend = backend or backend_mod.cpu()
         self.kernels = kernels or Kernels(on_gpu=self.backend.on_gpu, mode="numpy")
         self.timeout, self.poll, self.spin = float(timeout), float(poll), float(spin)
@@ -178,8 +185,11 @@ class Comm:
         self._pinned: Dict[Tuple, Any] = {}  # staging buffers and small cached operands
         self._mpi_ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         self._in_place, self._sum = MPI.IN_PLACE, MPI.SUM
-        # small collectives block under a watchdog only where a second thread may call MPI
+        # small collectives block under a watchdog only where a second thread may call MPI;
+        # auto (-1): 1 MiB when every host has a core per rank, else polite (ranks share cores)
         threaded = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+        if blocking_bytes < 0:
+            blocking_bytes = 0 if self.oversubscribed else AUTO_BLOCKING_BYTES
         self.blocking_bytes = int(blocking_bytes) if threaded and blocking_bytes > 0 else -1  # -1: always polite
         self._armed: Optional[Tuple[float, str, Sequence[int]]] = None  # (deadline, op, peers) of a blocking call
         self._closed = False

@@ -287,9 +287,10 @@ class CommCfg:
     timeout: float = _f(300.0, "seconds a wait on a peer may take before the job is aborted", gt=0)
     spin: float = _f(0.01, "seconds a wait tests and yields the core before it starts sleeping", ge=0)
     poll: float = _f(2e-4, "longest sleep between polls of a pending request (seconds)", gt=0)
-    blocking_bytes: int = _f(1 << 20, "all-reduces of at most this many bytes, and mixes sending at most this many, "
+    blocking_bytes: int = _f(-1, "all-reduces of at most this many bytes, and mixes sending at most this many, "
                              "use the MPI library's blocking call (a watchdog thread enforces comm.timeout); larger "
-                             "ones wait politely (0: always polite)", ge=0)
+                             "ones wait politely. 0: always polite; -1 (auto): 1 MiB where every host has a core "
+                             "per rank, 0 where ranks share cores", ge=-1)
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,7 @@ class Runner:
             "cuda_aware": str(c.cuda_aware) if self.backend.on_gpu else "not needed (host arrays)",
             "cuda_aware_source": c.cuda_aware_reason if self.backend.on_gpu else "",
             "ranks": c.size, "nodes": c.n, "placement": c.placement.starts,
+            "comm_blocking_bytes": c.blocking_bytes, "oversubscribed": int(c.oversubscribed),
             "device": self.backend.device_name, "kernels": self.kernels.impl,
             "kernels_note": self.kernels.note, "kernel_threads": self.kernels.threads,
             "algorithm": self.cfg.algorithm.name.value, "model": self.model.kind, "dim": self.model.d,

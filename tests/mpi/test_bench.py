@@ -16,7 +16,7 @@ def test_comm_bench_runs_and_checks_its_results(tmp_path):
     out = tmp_path / "comm.json"
     check(run_mpi(2, [str(BENCH / "comm.py"), "--reps", "2", "--max-d", "1000", "--json", str(out)], timeout=120))
     rows = json.loads(out.read_text())["rows"]
-    assert [r["op"] for r in rows] == ["mix ring", "mean", "mean/hand", "hand/raw", "allreduce"]
+    assert [r["op"] for r in rows] == ["mix ring", "mean", "mean polite", "mean/hand", "hand/raw", "allreduce"]
     assert all(r["d"] == 1000 and r["hpcopt_ms"] > 0 and r["baseline_ms"] > 0 for r in rows)
 
 

@@ -10,8 +10,8 @@ def watchdogs():
     return sum(t.name == "hpcopt-comm-watchdog" for t in threading.enumerate())
 
 
-a = Comm(2, timeout=1.0)  # the thread wakes every 0.125 s
-b = Comm(2, timeout=1.0)
+a = Comm(2, timeout=1.0, blocking_bytes=1 << 20)  # the thread wakes every 0.125 s
+b = Comm(2, timeout=1.0, blocking_bytes=1 << 20)
 assert watchdogs() == 2, watchdogs()
 a.free()
 del b
