@@ -20,7 +20,7 @@ batches with at most n tokens each; a batch runs its candidates side by side for
 the n nodes is cut into consecutive blocks, one per candidate), every candidate from x0.
 The k whose average token has the lowest loss on the run's test split (used as the
 validation set) wins; the table goes to run.h5 (/tables/k_search) and training starts
-from x0 with that k.
+from x0 with that k. A resumed run reads k back from that table (`restore_workspace`).
 """
 from __future__ import annotations
 
