@@ -184,7 +184,7 @@ class Comm:
         self._plans: Dict[int, Tuple[np.ndarray, MixPlan]] = {}
         self._pinned: Dict[Tuple, Any] = {}  # staging buffers and small cached operands
         self._mpi_ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-        self._in_place, self._sum = MPI.IN_PLACE, MPI.SUM
+        self._in_place = MPI.IN_PLACE
         # small collectives block under a watchdog only where a second thread may call MPI;
         # auto (-1): 1 MiB when every host has a core per rank, else polite (ranks share cores)
         threaded = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
@@ -487,17 +487,17 @@ class Comm:
         if self.size == 1:
             return buf
         mpi_op = self._mpi_ops[op]
-        if not self.backend.is_device_array(buf):
+        if type(buf) is np.ndarray or not self.backend.is_device_array(buf):  # host arrays: the common case first
             self._allreduce(self._in_place, buf, buf.nbytes, mpi_op, name)
             return buf
         if not self.cuda_aware:
             host = self._host("r" + name, -1, buf.shape)
             self.backend.copy_to_host(buf, host)
-            self._allreduce(self.MPI.IN_PLACE, host, buf.nbytes, mpi_op, name)
+            self._allreduce(self._in_place, host, buf.nbytes, mpi_op, name)
             self.backend.copy_from_host(host, buf)
             return buf
         self.backend.synchronize()
-        self._allreduce(self.MPI.IN_PLACE, self.backend.device_view(buf), buf.nbytes, mpi_op, name)
+        self._allreduce(self._in_place, self.backend.device_view(buf), buf.nbytes, mpi_op, name)
         return buf
 
     def mean(self, X, out=None):
@@ -510,13 +510,8 @@ class Comm:
         if out is None:
             out = self.backend.empty((X.shape[1],))
         self.kernels.row_sum(out, X, self._inv_n)
-        nbytes = out.nbytes if self.size > 1 else 0
-        if nbytes:
-            if type(out) is np.ndarray and nbytes <= self.blocking_bytes:  # the common case, kept short
-                self._blocking("mean", (), self.comm.Allreduce, self._in_place, out, self._sum)
-            else:
-                self._reduce_inplace(out, "sum", "mean")
-        self._count("mean", nbytes, time.perf_counter() - t0)
+        self._reduce_inplace(out, "sum", "mean")
+        self._count("mean", out.nbytes if self.size > 1 else 0, time.perf_counter() - t0)
         return out
 
     def mean_many(self, blocks: Sequence[Any], out=None):

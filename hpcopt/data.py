@@ -56,16 +56,8 @@ _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser, element-wise (uint64, wrapping)."""
-    z = z ^ (z >> _S30)
-    z = z * _M1
-    z = z ^ (z >> _S27)
-    z = z * _M2
-    return z ^ (z >> _S31)
-
-
-def _mix64_inplace(z: np.ndarray) -> np.ndarray:
-    """`_mix64` overwriting z, with one scratch array (the big (nodes, count) case)."""
+    """The splitmix64 finaliser, element-wise (uint64, wrapping), overwriting z (every
+    caller passes a fresh array) with one scratch array."""
     t = np.right_shift(z, _S30)
     z ^= t
     z *= _M1
@@ -110,7 +102,7 @@ def keyed_bits(seed: int, nodes: Sequence[int], step, count: int, stream: int = 
         offsets = _COUNTERS.get(count)
         if offsets is None:
             offsets = _COUNTERS[count] = (np.arange(count, dtype=np.uint64)[None, :] + np.uint64(1)) * _GOLDEN
-        return _mix64_inplace(k + offsets)
+        return _mix64(k + offsets)
 
 
 def keyed_ints(seed: int, nodes: Sequence[int], step, count: int, high: np.ndarray,
