@@ -29,6 +29,12 @@ class Dataset(str, enum.Enum):
     libsvm = "libsvm"
     npz = "npz"
     hdf5 = "hdf5"
+    mnist = "mnist"
+    fashion_mnist = "fashion_mnist"
+    cifar10 = "cifar10"
+
+
+IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 
 
 class Partition(str, enum.Enum):
@@ -43,6 +49,26 @@ class Model(str, enum.Enum):
     logistic = "logistic"
     softmax = "softmax"
     mlp = "mlp"
+    torch_mlp = "torch_mlp"
+    cnn = "cnn"
+    lenet = "lenet"
+    vgg11 = "vgg11"
+    resnet20 = "resnet20"
+    torch = "torch"
+
+
+TORCH_MODELS = ("torch_mlp", "cnn", "lenet", "vgg11", "resnet20", "torch")
+
+
+class Vectorize(str, enum.Enum):
+    auto = "auto"
+    vmap = "vmap"
+    loop = "loop"
+
+
+class Norm(str, enum.Enum):
+    group = "group"
+    batch = "batch"
 
 
 class Activation(str, enum.Enum):
@@ -177,7 +203,8 @@ class NodesCfg:
 @dataclass(frozen=True)
 class DataCfg:
     dataset: Dataset = _f(Dataset.digits, "data set")
-    path: str = _f("", "file for libsvm / npz / hdf5 data sets")
+    path: str = _f("", "file for libsvm / npz / hdf5 data sets; directory of the IDX (mnist, fashion_mnist) or "
+                       "cifar-10-batches-bin files (mnist without a path: the installed 5,000-image sample)")
     seed: int = _f(0, "seed of data generation, train/test split and partition", ge=0)
     partition: Partition = _f(Partition.iid, "how samples are split over nodes (not used by quadratic)")
     alpha: float = _f(0.5, "Dirichlet concentration for partition: dirichlet", gt=0)
@@ -192,6 +219,8 @@ class DataCfg:
     heterogeneity: float = _f(1.0, "quadratic: spread zeta of the nodes' own optima", ge=0)
     noise: float = _f(0.1, "quadratic: label noise; classification: unused", ge=0)
     feature_scale: float = _f(0.0, "classification: feature j scaled by 10**(s*(j/(dim-1)-0.5)); 0: none", ge=0)
+    augment: bool = _f(False, "image data: random crop (padding 4) and horizontal flip of every training sample, "
+                              "drawn from the (seed, node, step) streams")
 
 
 @dataclass(frozen=True)
@@ -202,6 +231,13 @@ class ModelCfg:
     l2: float = _f(0.0, "L2 penalty l2/2 * ||x||^2 on all parameters", ge=0)
     init_scale: float = _f(1.0, "mlp: scale of the Glorot-uniform initialisation", ge=0)
     init_seed: int = _f(-1, "seed of the initial parameters (-1: run.seed); fix it to share x0 across seeds", ge=-1)
+    factory: str = _f("", "model torch: 'package.module:function' or 'path/to/file.py:function', a function "
+                          "(input_shape, classes) -> torch.nn.Module")
+    vectorize: Vectorize = _f(Vectorize.auto, "torch models: vmap (all local nodes in one call), loop (one call per "
+                                              "node) or auto (vmap, falling back to loop with a logged reason)")
+    norm: Norm = _f(Norm.group, "cnn / lenet / vgg11 / resnet20: GroupNorm or BatchNorm (per-node running "
+                                "statistics, needs vectorize loop)")
+    eval_batch: int = _f(1024, "torch models: samples per forward pass when evaluating (bounds memory)", gt=0)
 
 
 @dataclass(frozen=True)
@@ -435,6 +471,35 @@ def validate(cfg: Config) -> None:
         raise _bad("data.path", cfg.data.path, f"data.dataset {cfg.data.dataset.value} needs a file path")
     if cfg.data.dataset is Dataset.quadratic and cfg.model.name not in (Model.auto, Model.quadratic):
         raise _bad("model.name", cfg.model.name.value, "quadratic data go with model auto or quadratic")
+    torch_model = cfg.model.name.value in TORCH_MODELS
+    if cfg.model.name is Model.torch and not cfg.model.factory:
+        raise _bad("model.factory", cfg.model.factory, "model torch needs 'package.module:function' or "
+                                                       "'file.py:function'")
+    if cfg.model.factory and cfg.model.name is not Model.torch:
+        raise _bad("model.factory", cfg.model.factory, "a factory is used by model.name: torch only")
+    if cfg.data.dataset.value in IMAGE_DATASETS and cfg.model.name.value in ("quadratic", "logistic"):
+        raise _bad("model.name", cfg.model.name.value, f"{cfg.data.dataset.value} has 10 classes; use softmax, mlp "
+                                                       "or a torch model")
+    if cfg.model.norm is Norm.batch:
+        if cfg.model.name.value not in ("cnn", "lenet", "vgg11", "resnet20"):
+            raise _bad("model.norm", "batch", "BatchNorm is an option of cnn, lenet, vgg11 and resnet20")
+        if cfg.model.vectorize is Vectorize.vmap:
+            raise _bad("model.vectorize", "vmap", "BatchNorm's running statistics cannot be updated under vmap; "
+                                                  "use model.vectorize: loop (or auto) or model.norm: group")
+        if cfg.optimizer.weight_decay > 0:
+            raise _bad("optimizer.weight_decay", cfg.optimizer.weight_decay, "with BatchNorm the decay would shrink "
+                                                                             "the running statistics; use model.l2 "
+                                                                             "(parameters only)")
+        if cfg.algorithm.name is Algorithm.hybrid:
+            raise _bad("model.norm", "batch", "the hybrid server never sees its workers' running statistics; "
+                                              "use model.norm: group")
+        if cfg.algorithm.noise is not Noise.none:
+            raise _bad("model.norm", "batch", "the noise baseline would perturb the running statistics; "
+                                              "use model.norm: group")
+    if cfg.data.augment and cfg.data.dataset.value not in IMAGE_DATASETS:
+        raise _bad("data.augment", True, "augmentation is for image data sets: " + ", ".join(IMAGE_DATASETS))
+    if torch_model and cfg.data.dataset is Dataset.quadratic:
+        raise _bad("model.name", cfg.model.name.value, "torch models are classifiers; quadratic data are regression")
     if any(h <= 0 for h in cfg.model.hidden):
         raise _bad("model.hidden", list(cfg.model.hidden), "widths must be > 0")
     ms = cfg.optimizer.milestones

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,6 +35,7 @@ class Dataset(NamedTuple):
     classes: int  # 0 for regression
     node_train: Optional[np.ndarray] = None  # given partition (quadratic): node of each sample
     node_test: Optional[np.ndarray] = None
+    shape: Optional[Tuple[int, int, int]] = None  # image data: (channels, height, width) of a flattened row
 
     @property
     def task(self) -> str:

@@ -17,7 +17,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 def _xp(a):
@@ -256,25 +256,6 @@ class MLP:
         _, gp = self.loss_grad(X + eps * V, A, y, w)
         _, gm = self.loss_grad(X - eps * V, A, y, w)
         return (gp - gm) / (2 * eps)
-
-
-def build(cfg, ds) -> object:
-    """Model for a ModelCfg and a data set; mismatches are one-line ConfigErrors."""
-    name = cfg.name.value
-    if name == "auto":
-        name = "quadratic" if ds.classes == 0 else ("logistic" if ds.classes == 2 else "softmax")
-    if ds.classes == 0 and name != "quadratic":
-        raise ConfigError(f"model.name = {name!r} is not allowed: data set {ds.name} is a regression "
-                          f"task; use quadratic (least squares) or auto")
-    if ds.classes and name == "quadratic":
-        raise ConfigError(f"model.name = 'quadratic' is not allowed: data set {ds.name} has class "
-                          f"labels; use logistic, softmax, mlp or auto")
-    if name == "logistic" and ds.classes != 2:
-        raise ConfigError(f"model.name = 'logistic' is not allowed: data set {ds.name} has "
-                          f"{ds.classes} classes; use softmax or mlp")
-    if name == "mlp":
-        return MLP(ds.features, cfg.hidden, ds.classes, cfg.activation.value, cfg.l2, cfg.init_scale)
-    return LinearModel(name, ds.features, ds.classes, cfg.l2)
 
 
 def least_squares_optimum(ds, parts, l2: float = 0.0) -> np.ndarray:
