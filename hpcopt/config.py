@@ -238,6 +238,8 @@ class ModelCfg:
     norm: Norm = _f(Norm.group, "cnn / lenet / vgg11 / resnet20: GroupNorm or BatchNorm (per-node running "
                                 "statistics, needs vectorize loop)")
     eval_batch: int = _f(1024, "torch models: samples per forward pass when evaluating (bounds memory)", gt=0)
+    threads: int = _f(0, "torch models on the CPU: threads per rank (0: the host's cores / its ranks); fix it for "
+                         "bit-identical results on any number of ranks", ge=0)
 
 
 @dataclass(frozen=True)

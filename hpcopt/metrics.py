@@ -24,6 +24,8 @@ from typing import Dict
 
 import numpy as np
 
+from . import models
+
 DIAG_STREAM = 5
 NAMES = ("weight_variance", "mean_loss", "loss_at_mean", "smoothing_gap", "alpha_ratio", "grad_deviation",
          "lambda_max", "stability")
@@ -61,8 +63,9 @@ def diagnose(ctx, algo, state, step: int, lr: float) -> Dict[str, object]:
     L = len(rows)
     if L:
         Xbar = b.xp.broadcast_to(xbar[None, :], (L, d))
-        loss_i, G = model.loss_grad(Xa, A, y, w)
-        loss_s, Gs = model.loss_grad(Xbar, A, y, w)
+        with models.frozen(model):  # measuring must not move BatchNorm statistics
+            loss_i, G = model.loss_grad(Xa, A, y, w)
+            loss_s, Gs = model.loss_grad(Xbar, A, y, w)
         dev = ((Xa - xbar[None, :]) ** 2).sum(axis=1)
         local = np.concatenate([[float(loss_i.sum()), float(loss_s.sum()), float(dev.sum()), float(L)],
                                 _vec(b, G.sum(axis=0)), _vec(b, Gs.sum(axis=0))])

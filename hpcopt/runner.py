@@ -160,7 +160,9 @@ class Runner:
         self.dataset = ds = data_mod.load(cfg.data, n)
         self.parts = data_mod.partition(ds, n, cfg.data.partition.value, cfg.data.alpha,
                                         cfg.data.shards_per_node, cfg.data.seed)
-        self.model = models.build(cfg.model, ds)
+        threads = cfg.model.threads or _threads_per_rank(comm.local_size)
+        self.model = models.build(cfg.model, ds, backend=self.backend, threads=threads,
+                                  log=lambda text: self.say(f"hpcopt: {text}"))
         self.node_data = (data_mod.NodeData(self.backend.xp, ds, self.parts, range(comm.lo, comm.hi),
                                             cfg.data.batch_size, cfg.run.seed) if comm.local_n else None)
         xp = self.backend.xp

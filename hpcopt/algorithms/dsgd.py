@@ -8,12 +8,15 @@ With momentum mu, g_i is replaced by the node's buffer m_i = mu m_i + g_i (the b
 is local and never mixed). In combine_then_adapt the gradient is taken at the
 pre-mixing x_i, so with `algorithm.overlap` the neighbours' rows travel while the
 gradient is computed. Time-varying graphs (one-peer exponential) use W_t of step t.
+Models with buffers (BatchNorm running statistics at the end of each row) take the
+gradient first, which updates the node's statistics, and then mix: statistics are mixed
+with W like the parameters, and the overlap is off (a send buffer must not change).
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from .. import optim
+from .. import models, optim
 from . import retire, spare_buffer
 
 SHARDED = ("X", "M")
@@ -50,6 +53,13 @@ def step(ctx, state: State, t: int, lr: float):
         loss, G = ctx.model.loss_grad(state.X, A, y, w)
         optim.apply(ctx.kernels, state.X, G, state.M, lr, opt)
         X = comm.mix(state.X, W, out=out)
+    elif models.buffer_dim(ctx.model):
+        # BatchNorm statistics are updated in place in state.X by the gradient pass, so it
+        # runs before the mix (and never while state.X is a send buffer): the nodes then mix
+        # their updated statistics with the same W as the parameters
+        loss, G = ctx.model.loss_grad(state.X, A, y, w)
+        X = comm.mix(state.X, W, out=out)
+        optim.apply(ctx.kernels, X, G, state.M, lr, opt)
     else:
         if ctx.cfg.algorithm.overlap:
             pending = comm.mix_begin(state.X, W)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import optim, precond
+from .. import models, optim, precond
 from ..data import step_rng
 from ..metrics import sq_dist_sum
 
@@ -98,7 +98,8 @@ def init(ctx, x0) -> State:
         probes = ctx.cfg.optimizer.probes
         for k in range(probes):
             A, y, w = ctx.data.batch(k, stream=PROBE_STREAM)
-            _, G = ctx.model.loss_grad(X, A, y, w)
+            with models.frozen(ctx.model):  # probes at x0 leave BatchNorm statistics as initialised
+                _, G = ctx.model.loss_grad(X, A, y, w)
             zhz = _probes(ctx, X, WARM_START_STEP + k, A, y, w, glob) if h.name == "oasis" else None
             stat += precond.statistic(h, G, zhz)
         stat /= np.float32(probes)

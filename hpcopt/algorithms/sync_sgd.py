@@ -10,6 +10,9 @@ from (seed, step) (the same on every rank), so E||xi||^2 = sigma^2. sigma is
 `algorithm.noise_std` (fixed) or, for matched, the grad_deviation a DPSGD run measured
 at that step (interpolated between its diagnostic steps), i.e. the size of the extra
 term decentralization adds to the average model's step.
+
+BatchNorm models: each node updates the running statistics of its copy of x on its own
+batch; the one model keeps their mean (carried in the same all-reduce as the gradient).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import optim
+from .. import models, optim
 from ..data import step_rng
 
 SHARDED: tuple = ()
@@ -45,8 +48,15 @@ def average(ctx, state: State):
 
 def step(ctx, state: State, t: int, lr: float):
     A, y, w = ctx.data.batch(t)
-    loss, G = ctx.model.loss_grad(node_params(ctx, state), A, y, w)
+    nb = models.buffer_dim(ctx.model)
+    X = ctx.backend.xp.tile(state.x[None, :], (ctx.comm.local_n, 1)) if nb else node_params(ctx, state)
+    loss, G = ctx.model.loss_grad(X, A, y, w)
+    if nb:  # the nodes' updated BatchNorm statistics ride in the gradient's (zero) buffer block
+        G[:, -nb:] = X[:, -nb:]
     g = ctx.comm.mean(G)
+    if nb:  # the one model keeps the mean of the nodes' statistics
+        state.x[-nb:] = g[-nb:]
+        g[-nb:] = 0
     sigma = noise_std(ctx, t)
     if sigma > 0:
         z = step_rng(ctx.cfg.run.seed, t, 19).standard_normal(g.shape[0])

@@ -19,10 +19,13 @@ data (B, f) for evaluation. Backends:
 """
 from __future__ import annotations
 
+import contextlib
+
 from ..config import TORCH_MODELS, ConfigError
 from .numpy_models import MLP, LinearModel, least_squares_optimum
 
-__all__ = ["MLP", "LinearModel", "least_squares_optimum", "build", "NUMPY_MODELS", "TORCH_MODELS"]
+__all__ = ["MLP", "LinearModel", "least_squares_optimum", "build", "frozen", "buffer_dim", "NUMPY_MODELS",
+           "TORCH_MODELS"]
 
 NUMPY_MODELS = ("quadratic", "logistic", "softmax", "mlp")
 
@@ -59,3 +62,14 @@ def build(cfg, ds, backend=None, threads: int = 0, log=None):
         return torch_backend.build(name, cfg, ds, backend=backend, threads=threads, log=log)
     raise ConfigError(f"model.name = {name!r} is not allowed: choose one of "
                       f"{', '.join(NUMPY_MODELS + TORCH_MODELS)}")
+
+
+def buffer_dim(model) -> int:
+    """Length of the block at the end of each row that holds buffers (BatchNorm running
+    statistics), not parameters; 0 for models without buffers."""
+    return int(getattr(model, "buffer_dim", 0))
+
+
+def frozen(model):
+    """Context in which `loss_grad` updates no buffers (diagnostics, warm-start probes)."""
+    return model.frozen_buffers() if buffer_dim(model) else contextlib.nullcontext()
