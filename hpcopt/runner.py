@@ -6,6 +6,7 @@ failures. Only rank 0 prints and writes run.h5; every rank writes its checkpoint
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -16,6 +17,7 @@ import time
 from typing import Dict, Optional
 
 import numpy as np
+import yaml
 
 from . import __version__, algorithms, metrics, models, optim, store
 from . import comm as comm_mod
@@ -164,7 +166,8 @@ class Runner:
         self.model = models.build(cfg.model, ds, backend=self.backend, threads=threads,
                                   log=lambda text: self.say(f"hpcopt: {text}"))
         self.node_data = (data_mod.NodeData(self.backend.xp, ds, self.parts, range(comm.lo, comm.hi),
-                                            cfg.data.batch_size, cfg.run.seed) if comm.local_n else None)
+                                            cfg.data.batch_size, cfg.run.seed, augment=cfg.data.augment,
+                                            shape=ds.shape) if comm.local_n else None)
         xp = self.backend.xp
         self.X_test = xp.asarray(ds.X_test)
         self.y_test = xp.asarray(ds.y_test)
@@ -174,7 +177,8 @@ class Runner:
                                       self.topology, {"validation": (self.X_test, self.y_test)})
         if cfg.algorithm.name.value == "hybrid" and not wall_server:  # every rank simulates every worker
             self.ctx.workspace["all_nodes"] = data_mod.NodeData(self.backend.xp, ds, self.parts, range(n),
-                                                                cfg.data.batch_size, cfg.run.seed)
+                                                                cfg.data.batch_size, cfg.run.seed,
+                                                                augment=cfg.data.augment, shape=ds.shape)
         if cfg.algorithm.noise.value == "matched":
             self.ctx.workspace["noise_schedule"] = self.noise_schedule(cfg.algorithm.noise_run)
 
@@ -691,3 +695,56 @@ def run_config(cfg: Config, config_text: str, run_dir: Optional[str] = None, res
 def resolved_text(cfg: Config) -> str:
     return config_mod.to_yaml(cfg)
 
+
+
+def export(run_dir: str, out: str, node: Optional[int] = None) -> str:
+    """Write the average model of a run's newest complete checkpoint (or node `node`'s
+    model) as named tensors in a safetensors file that `load_state_dict(strict=True)`
+    takes into the same torch module; returns a one-line description.
+
+    The run is rebuilt in this process (one rank holding every node) from the config in
+    run.h5, so any run can be exported on a workstation whatever ranks trained it.
+    """
+    if run_dir.endswith(".h5"):
+        run_dir = os.path.dirname(run_dir) or "."
+    if not os.path.exists(os.path.join(run_dir, store.RUN_FILE)):
+        raise ConfigError(f"RUN = {run_dir!r} is not allowed: no {store.RUN_FILE} there (not a run directory)")
+    if not out.endswith(".safetensors"):
+        raise ConfigError(f"--out = {out!r} is not allowed: the file name must end in .safetensors")
+    text = store.read_run(run_dir)["config_text"]
+    cfg = config_mod.from_dict(yaml.safe_load(text))
+    if cfg.model.name.value not in config_mod.TORCH_MODELS:
+        raise ConfigError(f"model.name = {cfg.model.name.value!r} is not allowed for export: it writes torch "
+                          f"models ({', '.join(config_mod.TORCH_MODELS)}); read NumPy models' rows from the "
+                          f"checkpoints with hpcopt.store")
+    if node is not None and not 0 <= node < cfg.nodes.n:
+        raise ConfigError(f"--node = {node} is not allowed: the run has nodes 0..{cfg.nodes.n - 1}")
+    info, _ = store.latest(run_dir)
+    if info is None:
+        raise ConfigError(f"RUN = {run_dir!r} is not allowed: it has no complete checkpoint to export")
+    if cfg.algorithm.name.value == "hybrid" and cfg.algorithm.clock.value == "wall":
+        cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(
+            cfg.algorithm, clock=config_mod.Clock.simulated))  # the server's model; no workers are needed here
+    r = Runner(cfg, text, run_dir, resume=True)
+    r.setup()
+    r.say = lambda _text: None
+    if hasattr(r.algo, "restore_workspace"):  # Teleportation: k from the recorded search
+        r.algo.restore_workspace(r.ctx, store.read_run(run_dir).get("tables", {}))
+    x0 = r.model.init(cfg.run.seed if cfg.model.init_seed < 0 else cfg.model.init_seed)
+    r.algo.init(r.ctx, x0)
+    state = r.restore(info)
+    r.comm.step = int(info["step"]) - 1
+    if node is None:
+        row, what = r.backend.to_host(r.algo.average(r.ctx, state)), "average model"
+    else:
+        row, what = r.backend.to_host(r.algo.node_params(r.ctx, state)[node]), f"node {node}'s model"
+    tensors = r.model.state_dict(row)
+    from safetensors.numpy import save_file
+    tmp = out + ".tmp"
+    try:
+        save_file(tensors, tmp, metadata={"hpcopt_model": cfg.model.name.value, "step": str(info["step"]),
+                                          "run": os.path.abspath(run_dir), "which": what})
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise ConfigError(f"--out = {out!r} is not allowed: cannot write it ({exc.strerror or exc})") from None
+    return f"{what} at step {info['step']} ({len(tensors)} tensors, {r.model.d} values) -> {out}"
