@@ -1,4 +1,4 @@
-"""Command line: hpcopt run | analyse | topology (also `python -m hpcopt`).
+"""Command line: hpcopt run | analyse | sweep | config | export | topology (also `python -m hpcopt`).
 
 Configuration errors print ONE line and exit with status 2 on every rank, before MPI
 work starts; only rank 0 prints (the rank is read from the launcher's environment).
@@ -99,6 +99,13 @@ def cmd_topology(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    _limit_threads()
+    from . import runner
+    print(f"hpcopt: exported {runner.export(args.run, args.out, None if args.average else args.node)}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from . import config
     if args.reference:
@@ -141,6 +148,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="KEY=VALUE")
     c.add_argument("--reference", action="store_true", help="the table of every key (Markdown)")
     c.set_defaults(func=cmd_config)
+    e = sub.add_parser("export", help="write a run's trained torch model as a safetensors file")
+    e.add_argument("run", help="run directory")
+    which = e.add_mutually_exclusive_group()
+    which.add_argument("--average", action="store_true", help="the average model (default)")
+    which.add_argument("--node", type=int, help="the model of node I")
+    e.add_argument("--out", required=True, help="FILE.safetensors")
+    e.set_defaults(func=cmd_export)
     t = sub.add_parser("topology", help="degree, spectral gap and weights of a graph")
     t.add_argument("name", choices=["ring", "torus", "exponential", "one_peer_exponential", "complete", "star",
                                     "hypercube", "erdos_renyi", "edgelist"])
