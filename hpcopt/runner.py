@@ -515,7 +515,7 @@ class Runner:
     def loop(self, state, start: int) -> int:
         cfg, c, b = self.cfg, self.comm, self.backend
         T = cfg.run.steps
-        buf: Dict[str, list] = {k: [] for k in ("step", "lr", "wall", "train_loss", "rank", "extra", "ops")}
+        buf: Dict[str, list] = {k: [] for k in ("step", "lr", "wall", "train_loss", "held", "rank", "extra", "ops")}
         extra_names = tuple(getattr(self.algo, "METRICS", ()))
         ops = ("mix", "move")
         t_begin = time.perf_counter()
@@ -529,7 +529,8 @@ class Runner:
             if not buf["step"]:
                 return
             losses = np.stack(buf["train_loss"], axis=1)  # (local_n, rows)
-            per_node = c.allgather_nodes(losses).T  # (rows, n)
+            held = np.stack(buf["held"], axis=1).astype(np.float64)
+            per_node, held = c.allgather_nodes(np.concatenate([losses, held], axis=1)).T.reshape(2, -1, c.n)
             per_rank = c.gather_ranks(np.concatenate([np.stack(buf["rank"], axis=0),
                                                       np.stack(buf["ops"], axis=0)], axis=1).ravel())
             if c.rank == 0:
@@ -538,7 +539,7 @@ class Runner:
                 self.rf.append("metrics", {
                     "step": np.array(buf["step"], np.int64), "lr": np.array(buf["lr"]),
                     "wall": np.array(buf["wall"]), "train_loss": per_node,
-                    "train_loss_mean": per_node.mean(axis=1),
+                    "train_loss_mean": _active_mean(per_node, held > 0),
                     "compute_seconds": pr[:, :, 0], "comm_seconds": pr[:, :, 1], "bytes_sent": pr[:, :, 2],
                     **{f"bytes_{op}": pr[:, :, 3 + i] for i, op in enumerate(ops)},
                     "wait_seconds": pr[:, :, 3 + len(ops)],
@@ -572,7 +573,9 @@ class Runner:
             done = step + 1
             if first_loss is None:
                 first_loss = loss.copy()
-            active = np.asarray(b.to_host(stats["active"]), bool) if "active" in stats else slice(None)
+            active = (np.asarray(b.to_host(stats["active"]), bool) if "active" in stats
+                      else np.ones(loss.shape, bool))  # Teleportation: the nodes holding a token
+            buf["held"].append(active)
             bad = not np.all(np.isfinite(loss[active])) or (
                 cfg.run.divergence_factor > 0
                 and np.any(loss[active] > cfg.run.divergence_factor * np.abs(first_loss[active])))
@@ -597,7 +600,8 @@ class Runner:
                     self.rf.append("eval", last_eval)
                     best_acc = np.fmax(best_acc, float(last_eval["test_accuracy"][0]))
             if done % cfg.run.log_every == 0 or done == T:
-                mean_loss = float(c.allreduce_scalars([loss.sum()])[0]) / c.n
+                total, count = c.allreduce_scalars([float(loss[active].sum()), float(active.sum())])
+                mean_loss = total / max(1.0, count)
                 flush()
                 if c.rank == 0 and cfg.run.progress:
                     rate = steps_done / max(1e-9, time.perf_counter() - t_begin)
@@ -653,6 +657,12 @@ class Runner:
             self.rf.event(T, "finished", f"finished {T} steps")
             self.say(summary_table(cfg, summary, c.size))
         return 0
+
+
+def _active_mean(per_node: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """Mean training loss of each row over the nodes that computed one (`held`; Teleportation's
+    inactive nodes hold NaN); a non-finite loss of an active node still shows."""
+    return np.where(held, per_node, 0.0).sum(axis=1) / np.maximum(1, held.sum(axis=1))
 
 
 def _column(values) -> np.ndarray:
