@@ -307,12 +307,18 @@ class TorchModel:
             def one(row, v, a, yy, ww):
                 return jvp(lambda r: grad(self._node_loss)(r, a, yy, ww), (row,), (v,))[1]
 
-            if self.vectorize == "vmap" or (self.vectorize == "auto" and not self._bn):
+            H = None
+            if self.vectorize != "loop" and not self._bn:
                 try:
                     H = vmap(one)(Xt, Vt, At, yt, wt)
-                except Exception:  # no batching rule: per node
-                    H = torch.stack([one(Xt[i], Vt[i], At[i], yt[i], wt[i]) for i in range(Xt.shape[0])])
-            else:
+                except Exception as exc:  # no batching rule for the forward-over-reverse product
+                    if self.vectorize == "vmap":
+                        raise ConfigError(f"model.vectorize = 'vmap' is not allowed: Hessian-vector products of "
+                                          f"{self.kind} fail under vmap ({_describe(exc)}); use loop or auto") from None
+                    self.log(f"model {self.kind}: Hessian-vector products under vmap failed ({_describe(exc)}); "
+                             f"computing them one node at a time")
+                    self.vectorize = "loop"
+            if H is None:
                 H = torch.stack([one(Xt[i], Vt[i], At[i], yt[i], wt[i]) for i in range(Xt.shape[0])])
             if self.buffer_dim:
                 H[:, self.spec.params:] = 0
