@@ -38,8 +38,53 @@ def _limit_threads() -> None:
 
 def _fail(msg: str, code: int = EXIT_CONFIG) -> int:
     if _launcher_rank() == 0:
-        print(f"hpcopt: {msg}", file=sys.stderr, flush=True)
+        print("hpcopt: " + " ".join(str(msg).splitlines()), file=sys.stderr, flush=True)  # always ONE line
     return code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`hpcopt: ...`, exit 2) like every other."""
+
+    def error(self, message: str):
+        command = self.prog.partition(" ")[2]  # "hpcopt run" -> "run"
+        sys.exit(_fail(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)"))
+
+
+def check_run_dir(run_dir: str, what: str) -> None:
+    """Raise ConfigError unless `run_dir` can be (or already is) a directory this process
+    may write: checked before any rank starts work, creating nothing."""
+    from .config import ConfigError, _show
+    where = f"{what} = {_show(run_dir)} is not allowed"
+    if not run_dir.strip():
+        raise ConfigError(f"{where}: give the path of a run directory")
+    if "\0" in run_dir:
+        raise ConfigError(f"{where}: a path has no NUL character")
+    path = os.path.abspath(run_dir)
+    probe = path
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    try:
+        base = probe if os.path.isdir(probe) else os.path.dirname(probe)
+        name_max, path_max = os.pathconf(base, "PC_NAME_MAX"), os.pathconf(base, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    long = [c for c in path.split(os.sep) if len(os.fsencode(c)) > name_max]
+    if long:
+        raise ConfigError(f"{where}: the name {_show(long[0])} has {len(os.fsencode(long[0]))} bytes; a file "
+                          f"name has at most {name_max}")
+    if len(os.fsencode(path)) >= path_max:
+        raise ConfigError(f"{where}: the path has {len(os.fsencode(path))} bytes; at most {path_max - 1}")
+    if not os.path.isdir(probe):
+        kind = "a broken symbolic link" if not os.path.exists(probe) else "a file"
+        if probe == path:
+            raise ConfigError(f"{where}: it is {kind}, not a directory; give a directory (new or holding a run)")
+        raise ConfigError(f"{where}: {probe} is {kind}, not a directory, so nothing can be created under it")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: {'it' if probe == path else probe} is not writable; give a directory "
+                          "this user may write")
 
 
 def builtin_config(name: str):
@@ -59,9 +104,10 @@ def cmd_run(args) -> int:
     if not os.path.exists(path) and builtin_config(path):
         path = builtin_config(path)
     cfg = config.load(path, args.set or [])
+    run_dir = args.out if args.out is not None else os.path.join(cfg.run.out, cfg.run.name)
+    check_run_dir(run_dir, "--out" if args.out is not None else "run.out/run.name")
     _limit_threads()
     from . import runner
-    run_dir = args.out or os.path.join(cfg.run.out, cfg.run.name)
     return runner.run_config(cfg, runner.resolved_text(cfg), run_dir, resume=args.resume, force=args.force)
 
 
@@ -118,7 +164,7 @@ def cmd_config(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hpcopt", description="Distributed and decentralized SGD over MPI.")
+    p = _Parser(prog="hpcopt", description="Distributed and decentralized SGD over MPI.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a config (under mpiexec / srun for several ranks)")
     r.add_argument("config", help="YAML file, or the name of a bundled config such as 'quickstart'")

@@ -357,7 +357,24 @@ class Config:
 
 
 def _show(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else str(value)
+    """A value as an error message shows it: one line of at most 60 characters, made in
+    bounded time whatever the value is (a billion-element list behind YAML aliases, a
+    deeply nested one, an integer of thousands of digits): containers are abbreviated
+    level by level instead of being stringified whole and cut afterwards."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset, r.maxfrozenset = 3, 8, 8, 6, 6, 6
+    r.maxstring, r.maxlong, r.maxother = 60, 40, 60
+    try:
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 10000:
+            text = f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+        elif isinstance(value, (str, int, list, tuple, dict, set, frozenset)) and not isinstance(value, bool):
+            text = r.repr(value)
+        else:
+            text = str(value)
+    except (ValueError, RecursionError):  # e.g. int -> str beyond Python's digit limit
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.splitlines())
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -537,20 +554,21 @@ def from_dict(data: Any, default_name: str = "run") -> Config:
     if not cfg.run.name:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=default_name))
     validate(cfg)
+    check_run_name(cfg)
     return cfg
 
 
 def parse_override(text: str) -> Tuple[list, Any]:
     """'optimizer.lr=0.05' -> (['optimizer', 'lr'], 0.05); the value is read as YAML."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optimizer.lr=0.05")
+        raise ConfigError(f"--set {_show(text)} is not allowed: expected KEY=VALUE, e.g. optimizer.lr=0.05")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. optimizer.lr=0.05")
+        raise ConfigError(f"--set {_show(text)} is not allowed: expected SECTION.KEY=VALUE, e.g. optimizer.lr=0.05")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(raw, f"--set {_show(text)}", parts) if raw.strip() else ""
+    except _YAMLSyntaxError:
         value = raw
     return parts, value
 
@@ -560,28 +578,175 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     for text in overrides:
         (section, key), value = parse_override(text)
         sec = data.setdefault(section, {})
+        if sec is None:  # "section:" with nothing under it
+            sec = data[section] = {}
         if not isinstance(sec, dict):
             raise _bad(section, sec, "expected a mapping of keys to values")
         sec[key] = value
     return data
 
 
+# ---------------------------------------------------------------------------------------
+# reading YAML and text files, with the work bounded before anything is built
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kilobytes
+MAX_CONFIG_DEPTH = 20  # SECTION: {KEY: [values]} is 3 levels deep
+MAX_CONFIG_VALUES = 10_000  # keys, scalars, lists, mappings; an alias counts its whole value at every use
+MAX_KEY_CHARS = 200
+MAX_INT_CHARS = 100
+
+
+class _YAMLSyntaxError(ConfigError):
+    """Text that is not YAML at all (`--set` then takes the text as a plain string)."""
+
+
+def read_text(path: str, limit: int) -> Tuple[typing.Optional[str], str]:
+    """(text, "") for a UTF-8 file of at most `limit` bytes (a leading BOM is dropped),
+    else (None, why) with `why` a phrase for an error message. Reads at most limit + 1
+    bytes, so /dev/zero or a pipe cannot make it run away. OSError propagates."""
+    with open(path, "rb") as fh:
+        raw = fh.read(limit + 1)
+    if len(raw) > limit:
+        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit} bytes"
+        return None, f"it is larger than {size}"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        return None, (f"it is not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, column {col}); "
+                      f"save it as UTF-8")
+    return (text[1:] if text.startswith("\ufeff") else text), ""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with bounds checked while composing, before anything is built:
+    nesting depth, the number of values (an alias counts its whole value at every use, so
+    a 'billion laughs' file stops at once), duplicate keys (safe_load keeps the last one
+    silently), key length and integer length (Python refuses int(s) beyond 4300 digits)."""
+
+    def __init__(self, text: str, where: str, path: typing.Sequence[str] = ()):
+        super().__init__(text)
+        self.where = where
+        self.depth = 0
+        self.total = 0  # values composed so far, every use of an alias counted
+        self.info: typing.Dict[int, Tuple[int, int]] = {}  # id(collection node) -> (values, depth)
+        self.keys: typing.Dict[int, typing.Dict[Tuple[str, str], int]] = {}  # id(mapping) -> key -> line
+        self.path: typing.List[str] = list(path)  # keys of the mappings being composed
+
+    def fail(self, mark: Any, what: str, allowed: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {what} at line {mark.line + 1} is not allowed: {allowed}")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.depth >= MAX_CONFIG_DEPTH:
+            raise self.fail(self.peek_event().start_mark, f"nesting deeper than {MAX_CONFIG_DEPTH} levels",
+                            "a config is SECTION: {KEY: VALUE}, a value at most a list")
+        event = self.peek_event()
+        target = self.anchors.get(event.anchor) if isinstance(event, yaml.AliasEvent) else None
+        if target is not None and not isinstance(target, yaml.ScalarNode) and id(target) not in self.info:
+            raise self.fail(event.start_mark, f"the alias *{event.anchor} inside its own anchor's value",
+                            "a value cannot contain itself")
+        self.total += self.info.get(id(target), (1, 0))[0] if target is not None else 1
+        if self.total > MAX_CONFIG_VALUES:  # counted as the parser goes: a huge file stops early too
+            raise self.fail(event.start_mark, f"more than {MAX_CONFIG_VALUES} values (every use of an alias "
+                                              "counted)", "a config holds a few hundred values")
+        named = isinstance(parent, yaml.MappingNode) and isinstance(index, yaml.ScalarNode)
+        self.depth += 1
+        if named:
+            self.path.append(str(index.value))
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+            if named:
+                self.path.pop()
+        self._count(node)
+        if isinstance(parent, yaml.MappingNode) and index is None:
+            self._check_key(parent, node)
+        return node
+
+    def _count(self, node: Any) -> None:
+        if isinstance(node, yaml.ScalarNode) or id(node) in self.info:  # a scalar, or an alias
+            return
+        children = node.value if isinstance(node, yaml.SequenceNode) else [x for kv in node.value for x in kv]
+        kids = [self.info.get(id(c), (1, 0)) for c in children]
+        values = 1 + sum(v for v, _ in kids)
+        depth = 1 + max((d for _, d in kids), default=0)
+        self.info[id(node)] = (values, depth)
+        if depth > MAX_CONFIG_DEPTH:
+            raise self.fail(node.start_mark, f"nesting deeper than {MAX_CONFIG_DEPTH} levels (through aliases)",
+                            "a config is SECTION: {KEY: VALUE}, a value at most a list")
+
+    def _check_key(self, mapping: Any, key: Any) -> None:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            return
+        if len(key.value) > MAX_KEY_CHARS:
+            raise self.fail(key.start_mark, f"a key of {len(key.value)} characters",
+                            f"keys are names of at most {MAX_KEY_CHARS} characters (see hpcopt config --reference)")
+        seen = self.keys.setdefault(id(mapping), {})
+        first = seen.get((key.tag, key.value))
+        seen.setdefault((key.tag, key.value), key.start_mark.line + 1)
+        if first is not None:
+            name = ".".join(self.path + [key.value])
+            what = "key" if self.path else "section"
+            raise self.fail(key.start_mark, f"duplicate {what} {_show(name)} (first at line {first})",
+                            f"each {what} appears once{' in its mapping' if self.path else ''}; merge them")
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except ConfigError:
+            raise
+        except (ValueError, OverflowError) as exc:  # e.g. a timestamp 2024-02-30
+            raise self.fail(node.start_mark, f"the value {_show(node.value)}", str(exc)) from None
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        if len(str(node.value)) > MAX_INT_CHARS:
+            raise self.fail(node.start_mark, f"an integer of {len(node.value)} digits",
+                            f"at most {MAX_INT_CHARS} digits")
+        return super().construct_yaml_int(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
+def parse_yaml(text: str, where: str, path: typing.Sequence[str] = ()) -> Any:
+    """One YAML document -> plain data, with _StrictLoader's bounds; every error is one
+    ConfigError line naming `where` (a _YAMLSyntaxError when the text is not YAML). `path`:
+    the keys the document sits under (a --set value), for naming duplicate keys."""
+    loader = None
+    try:
+        loader = _StrictLoader(text, where, path)  # the reader checks the characters here
+        return loader.get_single_data()
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise _YAMLSyntaxError(f"{where}: the character #x{exc.character:04x} at line {line} is not allowed: "
+                               "YAML text has no control characters (tab and line breaks are fine)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context:  # e.g. "found duplicate anchor 'x'; first occurrence" at line 1, "second occurrence"
+            problem = f"{context}{f' at line {cmark.line + 1}' if cmark else ''}, {problem}"
+        raise _YAMLSyntaxError(" ".join(f"{where}: not valid YAML{at}: {problem}".split())) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
 def read_yaml(path: str) -> Tuple[dict, str]:
     """Read a YAML file; returns (mapping, text). Errors are one-line ConfigErrors."""
     try:
-        with open(path, "r", encoding="utf-8") as fh:
-            text = fh.read()
+        text, why = read_text(path, MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if text is None:
+        raise ConfigError(f"config {path} is not allowed: {why}")
+    data = parse_yaml(text, path)
     if data is None:
-        data = {}
+        raise ConfigError(f"config {path} is empty: a config with no section is not allowed (it would run on "
+                          "defaults alone); write at least one SECTION: {KEY: VALUE}, see hpcopt config --reference")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     return data, text
@@ -592,6 +757,19 @@ def load(path: str, overrides: typing.Iterable[str] = ()) -> Config:
     data = apply_overrides(data, overrides)
     stem = os.path.splitext(os.path.basename(path))[0]
     return from_dict(data, default_name=stem)
+
+
+def check_run_name(cfg: Config) -> None:
+    """run.name names the run directory inside run.out: one path component, so a name never
+    writes outside run.out (no '/', not '.' or '..', not absolute)."""
+    name = cfg.run.name
+    seps = [s for s in (os.sep, os.altsep, "/") if s]
+    if name in (".", "..") or any(s in name for s in seps) or "\0" in name or os.path.isabs(name):
+        raise _bad("run.name", name, "a run name is one path component (no '/', not '.' or '..'); the run "
+                                     "directory is run.out/run.name: choose the parent with run.out or --out")
+    if len(os.fsencode(name)) > 255:
+        raise _bad("run.name", name, f"a run name is one path component, at most 255 bytes (here "
+                                     f"{len(os.fsencode(name))})")
 
 
 def to_dict(cfg: Any) -> Any:

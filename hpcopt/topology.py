@@ -116,27 +116,30 @@ def erdos_renyi_edges(n: int, p: float, seed: int, tries: int = 200) -> Set[Edge
                       f"in {tries} draws; raise p")
 
 
-def edgelist_edges(n: int, path: str) -> Set[Edge]:
+def edgelist_edges(n: int, path: str, max_bytes: int = 256 << 20) -> Set[Edge]:
+    """Edges of an edge-list file: one 'i j' pair (0-based node numbers, ASCII digits,
+    separated by blanks or a comma) per line; '#' starts a comment; self loops are ignored.
+    Reads at most `max_bytes` of UTF-8 text (the default holds a complete graph on ~5000
+    nodes); every problem is one ConfigError line."""
+    from .config import read_text
+    where = f"topology.path = {path!r} is not allowed"
     try:
-        with open(path, "r", encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+        text, why = read_text(path, max_bytes)
     except OSError as exc:
-        raise ConfigError(f"topology.path = {path!r} is not allowed: cannot read it ({exc.strerror})") from None
+        raise ConfigError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    if text is None:
+        raise ConfigError(f"{where}: {why}")
     pairs = []
-    for lineno, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
+    for lineno, line in enumerate(text.splitlines(), 1):
+        body = line.split("#", 1)[0].strip()
+        if not body:
             continue
-        parts = text.replace(",", " ").split()
-        try:
-            i, j = int(parts[0]), int(parts[1])
-            if len(parts) != 2:
-                raise ValueError
-        except (ValueError, IndexError):
-            raise ConfigError(f"topology.path = {path!r} is not allowed: line {lineno} is not 'i j'") from None
+        parts = body.replace(",", " ").split()
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
+            raise ConfigError(f"{where}: line {lineno} is not 'i j' (two node numbers 0..{n - 1})")
+        i, j = (int(p) if len(p) < 19 else -1 for p in parts)  # int() refuses > 4300 digits
         if not (0 <= i < n and 0 <= j < n):
-            raise ConfigError(f"topology.path = {path!r} is not allowed: line {lineno} names a node "
-                              f"outside 0..{n - 1}")
+            raise ConfigError(f"{where}: line {lineno} names a node outside 0..{n - 1}")
         pairs.append((i, j))
     return _undirected(pairs)
 
