@@ -1,6 +1,7 @@
 """Kernel benchmark: fused updates and mix_rows against NumPy and the machine's bandwidth.
 
 Run:  python bench/kernels.py [--json FILE]
+      python bench/kernels.py --small [--json FILE]   # per-call cost of every entry point at small d
 
 Measured in one run, on this machine's cores (OpenMP threads = all cores):
 * triad bandwidth: a[i] = b[i] + s * c[i] compiled with the same flags as the kernels
@@ -10,6 +11,10 @@ Measured in one run, on this machine's cores (OpenMP threads = all cores):
   buffer). Targets at 1e7: >= 0.8x triad bandwidth and >= 5x NumPy in place;
 * mix_rows (the weighted neighbour sum of D-SGD on a ring) against NumPy in place.
 The GPU build is measured the same way when CuPy sees a device (--gpu).
+
+`--small` times one call of every `Kernels` entry point (compiled and NumPy builds) at
+d = 16 and 1000, where the Python around the C call (argument checks, cached addresses)
+is most of the cost: microseconds per call, best of repeated loops.
 """
 from __future__ import annotations
 
@@ -76,11 +81,64 @@ def numpy_adam(x, g, m, v, tmp, lr, b1, b2, step, eps=1e-8):
     x -= tmp
 
 
+def per_call_us(fn, calls: int, repeats: int) -> float:
+    """Best over `repeats` loops of `calls` calls, in microseconds per call."""
+    fn()
+    best_t = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best_t = min(best_t, time.perf_counter() - t0)
+    return best_t / calls * 1e6
+
+
+def small(args) -> None:
+    """Per-call cost of every entry point at small d (the Python overhead around the kernel)."""
+    builds = [("cpu", K.Kernels(mode="compiled", threads=1)), ("numpy", K.Kernels(mode="numpy"))]
+    rows = []
+    for d in (16, 1000):
+        rng = np.random.default_rng(0)
+        x, g, m, v, dg = (np.abs(rng.standard_normal(d)).astype(np.float32) for _ in range(5))
+        X = rng.standard_normal((4, d)).astype(np.float32)
+        remote = rng.standard_normal((2, d)).astype(np.float32)
+        out, mean = np.empty_like(X), np.empty(d, np.float32)
+        indptr = np.arange(0, 13, 3, dtype=np.int64)
+        indices = np.array([4, 0, 1, 0, 1, 2, 1, 2, 3, 2, 3, 5], np.int64)
+        weights = np.full(12, 1 / 3, np.float32)
+        for impl, k in builds:
+            cases = {
+                "sgd": lambda: k.sgd(x, g, 1e-3, 0.0),
+                "momentum": lambda: k.momentum(x, g, m, 1e-3, 0.9),
+                "rmsprop": lambda: k.rmsprop(x, g, v, 1e-3, 0.99),
+                "adam": lambda: k.adam(x, g, m, v, 1e-3, 0.9, 0.999, 10),
+                "scaled": lambda: k.scaled(x, g, dg, 1e-3, 1e-2),
+                "mix_rows 4x3": lambda: k.mix_rows(out, X, remote, indptr, indices, weights),
+                "row_sum 4": lambda: k.row_sum(mean, X, 0.25),
+            }
+            for name, fn in cases.items():
+                rows.append({"kernel": name, "impl": impl, "d": d,
+                             "us_per_call": per_call_us(fn, args.calls, args.repeats)})
+    print(f"per-call cost, best of {args.repeats} loops of {args.calls} calls (1 OpenMP thread)")
+    print(f"{'kernel':<14}{'impl':>7}{'d':>6}{'us/call':>10}")
+    for r in rows:
+        print(f"{r['kernel']:<14}{r['impl']:>7}{r['d']:>6}{r['us_per_call']:>10.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--json", default="")
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--small", action="store_true", help="per-call cost of every entry point at small d")
+    p.add_argument("--calls", type=int, default=5000, help="--small: calls per timed loop")
+    p.add_argument("--repeats", type=int, default=9, help="--small: timed loops (the best is kept)")
     args = p.parse_args()
+    if args.small:
+        small(args)
+        return
     cores = len(os.sched_getaffinity(0))
     kern = K.Kernels(mode="compiled", threads=cores)
     rows = []

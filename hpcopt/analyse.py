@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 
 from . import store
-from .config import ConfigError
+from .config import ConfigError, _show
 
 
 def _last(a, default=float("nan")):
@@ -143,23 +143,87 @@ def expand(paths: List[str]) -> List[str]:
         hits = sorted(glob.glob(p)) or [p]
         for h in hits:
             f = h if h.endswith(".h5") else os.path.join(h, store.RUN_FILE)
-            if not os.path.exists(f):
+            if not os.path.exists(f) and not os.path.exists(f + ".bak"):
                 raise ConfigError(f"{h}: no {store.RUN_FILE} here (expected a run directory)")
             out.append(h)
     return out
 
 
+def _nearest_existing(path: str) -> str:
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    return probe
+
+
+def check_outputs(csv_path, plot_dir) -> None:
+    """Raise ConfigError (one line) unless --csv names a file and --plot a directory that
+    can be written; checked before any run is read, creating nothing."""
+    if csv_path is not None:
+        where = f"--csv = {_show(csv_path)} is not allowed"
+        if not str(csv_path).strip():
+            raise ConfigError(f"{where}: give the name of a CSV file to write")
+        if os.path.isdir(csv_path):
+            raise ConfigError(f"{where}: it is a directory; give the name of a CSV file to write")
+        parent = os.path.dirname(os.path.abspath(csv_path))
+        if not os.path.isdir(parent):
+            probe = _nearest_existing(parent)
+            if os.path.exists(probe) and not os.path.isdir(probe):
+                raise ConfigError(f"{where}: {probe} is a file, not a directory; give a file in an existing directory")
+            raise ConfigError(f"{where}: its directory {parent} does not exist; give a file in an existing "
+                              f"directory")
+        target = csv_path if os.path.exists(csv_path) else parent
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"{where}: {'it' if target == csv_path else parent} is not writable; "
+                              f"give a file in a directory this user may write")
+    if plot_dir is not None:
+        where = f"--plot = {_show(plot_dir)} is not allowed"
+        if not str(plot_dir).strip():
+            raise ConfigError(f"{where}: give a directory for the PNG files")
+        probe = _nearest_existing(plot_dir)
+        if not os.path.isdir(probe):
+            what = "a file" if os.path.exists(probe) else "a broken symbolic link"
+            if probe == os.path.abspath(plot_dir):
+                raise ConfigError(f"{where}: it is {what}, not a directory; give a directory (new or existing)")
+            raise ConfigError(f"{where}: {probe} is {what}, so no directory can be created under it")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError(f"{where}: {'it' if probe == os.path.abspath(plot_dir) else probe} is not "
+                              f"writable; give a directory this user may write")
+
+
+def write_csv(path: str, rows: List[dict], fieldnames: List[str]) -> None:
+    try:
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fieldnames)
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: row[k] for k in w.fieldnames})
+    except OSError as exc:  # e.g. a read-only file system, a full disk
+        raise ConfigError(f"--csv = {_show(path)} is not allowed: cannot write it "
+                          f"({exc.strerror or exc}); give a file in a directory this user may write") from None
+
+
 def main(args) -> int:
+    check_outputs(getattr(args, "csv", None), getattr(args, "plot", None))
     runs = []
     for p in expand(args.runs):
         try:
-            runs.append(store.read_run(p))
+            run = store.read_run(p)
+        except store.RunFileError as exc:
+            raise ConfigError(f"RUN = {_show(p)} is not allowed: {exc}; give run directories "
+                              f"(or their {store.RUN_FILE} files)") from None
         except OSError as exc:
             raise ConfigError(f"{p}: cannot read the run file ({exc})") from None
+        if run.get("from_backup"):
+            print(f"hpcopt: note: {p}: {store.RUN_FILE} is unreadable (a crash during a metrics flush?); "
+                  f"read {store.RUN_FILE}.bak, the copy taken at the last checkpoint", file=sys.stderr)
+        runs.append(run)
     target = getattr(args, "target", None)
     rows = [run_row(r, target) for r in runs]
     columns = COLUMNS if target is None else COLUMNS[:-3] + [
         ("target_step", f"step to {target:g}", "{:.0f}"), ("target_s", f"s to {target:g}", "{:.1f}")] + COLUMNS[-3:]
+    if args.csv:  # before anything is printed: a file that cannot be written is the only output
+        write_csv(args.csv, rows, [k for k, _, _ in columns] + ["status"])
     print(format_table(rows, columns))
     if args.per_node:
         for r, row in zip(runs, rows):
@@ -169,13 +233,12 @@ def main(args) -> int:
             print(f"\nper rank: {row['run']}\n{per_rank_table(r)}")
     if getattr(args, "plot", None):
         from . import plots
-        written = plots.write_all(runs, [r["run"] for r in rows], args.plot)
+        try:
+            written = plots.write_all(runs, [r["run"] for r in rows], args.plot)
+        except OSError as exc:
+            raise ConfigError(f"--plot = {_show(args.plot)} is not allowed: cannot write plots there "
+                              f"({exc.strerror or exc}); give a directory this user may write") from None
         print(f"wrote {len(written)} plots to {args.plot}", file=sys.stderr)
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=[k for k, _, _ in columns] + ["status"])
-            w.writeheader()
-            for row in rows:
-                w.writerow({k: row[k] for k in w.fieldnames})
         print(f"wrote {args.csv}", file=sys.stderr)
     return 0

@@ -278,12 +278,62 @@ class _CudaModule:
 # the entry point
 
 
+# argument names of each kernel's arrays, for the messages
+ARRAYS: Dict[str, Tuple[str, ...]] = {
+    "sgd_update": ("x", "g"),
+    "momentum_update": ("x", "g", "m"),
+    "rmsprop_update": ("x", "g", "v"),
+    "adam_update": ("x", "g", "m", "v"),
+    "scaled_update": ("x", "g", "d"),
+    "mix_rows": ("out", "local", "remote", "indptr", "indices", "weights"),
+}
+_F32 = np.dtype(np.float32)
+_I64 = np.dtype(np.int64)
+
+
+def _describe(a) -> str:
+    return f"shape {tuple(a.shape)} ({a.size} elements)"
+
+
 def _check(op: str, arg, a, dtype) -> None:
     """Kernels take C-contiguous arrays of one dtype; the message is built only on failure."""
     if a.dtype != dtype or not a.flags.c_contiguous:
         where = f"{op}[{arg}]" if isinstance(arg, int) else f"{op}.{arg}"
         raise ValueError(f"kernel argument {where} must be a C-contiguous {np.dtype(dtype).name} array, "
                          f"got {a.dtype} (contiguous={a.flags.c_contiguous})")
+
+
+def _update_error(op: str, arrays) -> ValueError:
+    """The first thing wrong with an update kernel's arrays (called only on failure)."""
+    names = ARRAYS[op]
+    for name, a in zip(names, arrays):
+        if not hasattr(a, "dtype") or not hasattr(a, "flags"):
+            return ValueError(f"kernel argument {op}.{name} must be a C-contiguous float32 array, "
+                              f"got {type(a).__name__}")
+        try:
+            _check(op, name, a, F32)
+        except ValueError as exc:
+            return exc
+    x = arrays[0]
+    for name, a in zip(names[1:], arrays[1:]):
+        if a.shape != x.shape:
+            return ValueError(f"kernel {op}: {name} has {_describe(a)} but x has {_describe(x)}; "
+                              f"{', '.join(names)} must all have the same shape")
+    return ValueError(f"kernel {op}: invalid arguments")  # not reached
+
+
+def _indptr_bounds(a) -> Tuple[int, int, bool]:
+    """(first, last, nondecreasing) of a CSR row-pointer array (one host copy, once)."""
+    h = np.asarray(_host(a))
+    if h.size == 0:
+        return 0, 0, True
+    return int(h[0]), int(h[-1]), bool((h[1:] >= h[:-1]).all())
+
+
+def _index_bounds(a) -> Tuple[int, int]:
+    """(min, max) of a CSR column-index array, (0, -1) when empty."""
+    h = np.asarray(_host(a))
+    return (int(h.min()), int(h.max())) if h.size else (0, -1)
 
 
 class Kernels:
@@ -300,6 +350,8 @@ class Kernels:
         self.impl = "numpy"
         self._lib: Any = None
         self._row_sum_ops: Dict[tuple, Any] = {}
+        # (id(indptr), id(indices)) -> (weak refs to both, CSR bounds hold, largest index)
+        self._csr: Dict[Tuple[int, int], Tuple[Any, Any, bool, int]] = {}
         if mode == "numpy":
             return
         try:
@@ -323,8 +375,16 @@ class Kernels:
         return str(self._lib.path) if self.impl == "cpu" else ""
 
     def _run(self, name: str, arrays, scalars, work: int) -> None:
-        for i, a in enumerate(arrays):
-            _check(name, i, a, np.int64 if SIGNATURES[name][i] == "q" else F32)
+        # every array of an update is float32, C-contiguous and of x's shape: the kernels
+        # walk `work` = x.size elements of each, so a shorter one would be overrun in C
+        # (the NumPy references would broadcast instead); the message is built on failure
+        try:
+            shape = arrays[0].shape
+            for a in arrays:
+                if (a.dtype is not _F32 and a.dtype != _F32) or not a.flags.c_contiguous or a.shape != shape:
+                    raise _update_error(name, arrays)
+        except AttributeError:  # not an array at all
+            raise _update_error(name, arrays) from None
         if self.impl == "numpy":
             REFERENCES[name](*arrays, *scalars)
             return
@@ -372,6 +432,12 @@ class Kernels:
         The CSR operands (one output row taking every input row with weight `scale`) are
         built once per (rows, d, scale) and kept on the device.
         """
+        for a in (out, X):
+            if (a.dtype is not _F32 and a.dtype != _F32) or not a.flags.c_contiguous:
+                _check("row_sum", "out" if a is out else "X", a, F32)
+        if X.ndim != 2 or out.shape != X.shape[1:]:
+            raise ValueError(f"kernel row_sum: X must be 2-D (rows, d) and out of shape (d,), "
+                             f"got X {_describe(X)} and out {_describe(out)}")
         if len(X) == 1:  # the same float32 product as the kernel's 0 + w * x
             (np if type(out) is np.ndarray else _xp(out)).multiply(X[0], F32(scale), out=out)
             return
@@ -384,17 +450,42 @@ class Kernels:
                    xp.asarray(np.full(L, scale, np.float32)), xp.empty((0, d), np.float32))
             self._row_sum_ops[key] = ops
         indptr, indices, weights, none = ops
-        self.mix_rows(out.reshape(1, d), X, none, indptr, indices, weights)
+        self._mix(out.reshape(1, d), X, none, indptr, indices, weights)  # operands checked above / built here
 
     def mix_rows(self, out, local, remote, indptr, indices, weights) -> None:
-        """out[r] = sum_k weights[k] * src(indices[k]) over CSR row r (see mix_rows.cu)."""
+        """out[r] = sum_k weights[k] * src(indices[k]) over CSR row r (see mix_rows.cu).
+
+        Checked before any call into C: dtypes and contiguity; out (rows, d), local
+        (n_local, d), remote (n_remote, d), indptr (rows + 1,), indices and weights of one
+        length nnz; indptr non-decreasing from >= 0 to <= nnz and every index in
+        [0, n_local + n_remote). Sizes and shapes are checked on every call, the CSR
+        contents once per (indptr, indices) pair (see _csr_bounds).
+        """
+        f, i = _F32, _I64
+        try:  # unrolled: this runs on every mix, where a few hundred nanoseconds count
+            ok = ((out.dtype is f or out.dtype == f) and (local.dtype is f or local.dtype == f)
+                  and (remote.dtype is f or remote.dtype == f) and (weights.dtype is f or weights.dtype == f)
+                  and (indptr.dtype is i or indptr.dtype == i) and (indices.dtype is i or indices.dtype == i)
+                  and out.flags.c_contiguous and local.flags.c_contiguous and remote.flags.c_contiguous
+                  and weights.flags.c_contiguous and indptr.flags.c_contiguous and indices.flags.c_contiguous)
+            if ok:
+                shape = out.shape
+                ok = (len(shape) == 2 and local.ndim == 2 and remote.ndim == 2 and indptr.ndim == 1
+                      and indices.ndim == 1 and local.shape[1] == shape[1] and remote.shape[1] == shape[1]
+                      and indptr.size == shape[0] + 1 and weights.shape == indices.shape)
+            if ok:
+                hit = self._csr.get((id(indptr), id(indices)))
+                if hit is None or hit[0]() is not indptr or hit[1]() is not indices:
+                    hit = self._csr_bounds(indptr, indices)
+                ok = hit[2] and hit[3] < local.shape[0] + remote.shape[0]
+        except AttributeError:
+            ok = False
+        if not ok:
+            raise self._mix_error((out, local, remote, indptr, indices, weights))
+        self._mix(out, local, remote, indptr, indices, weights)
+
+    def _mix(self, out, local, remote, indptr, indices, weights) -> None:
         rows, d = out.shape
-        for name, a in (("out", out), ("local", local), ("remote", remote), ("weights", weights)):
-            _check("mix_rows", name, a, F32)
-        for name, a in (("indptr", indptr), ("indices", indices)):
-            _check("mix_rows", name, a, np.int64)
-        if local.shape[1:] != (d,) or remote.shape[1:] != (d,):
-            raise ValueError("mix_rows: local, remote and out must have the same row length")
         if self.impl == "numpy":
             ref_mix_rows(out, local, remote, indptr, indices, weights)
             return
@@ -403,3 +494,66 @@ class Kernels:
         else:  # CuPy passes NumPy scalars with their exact C type
             self._lib.call("mix_rows", [out, local, remote, np.int64(local.shape[0]), indptr, indices, weights,
                                         np.int64(rows), np.int64(d)], rows * d)
+
+    def _csr_bounds(self, indptr, indices) -> Tuple[Any, Any, bool, int]:
+        """Check a CSR pair's contents once and remember the result while both live.
+
+        Reading the bounds costs a pass over both arrays (and a copy to the host from a
+        GPU), more than a small mix; plans are built once and never modified, so the
+        result is kept, keyed by the two arrays' ids with weak references that drop the
+        entry when either array dies (a new array reusing an id is checked afresh).
+        Writing into a pair's contents after its first mix is therefore not supported.
+        """
+        first, last, monotone = _indptr_bounds(indptr)
+        lo, hi = _index_bounds(indices)
+        key = (id(indptr), id(indices))
+        table = self._csr
+
+        def forget(_ref, key=key):
+            entry = table.get(key)
+            if entry is not None and (entry[0] is _ref or entry[1] is _ref):
+                del table[key]
+
+        try:
+            entry = (weakref.ref(indptr, forget), weakref.ref(indices, forget),
+                     first >= 0 and last <= indices.shape[0] and monotone and lo >= 0, hi)
+        except TypeError:  # no weak references: checked on every call
+            return (lambda: indptr, lambda: indices, first >= 0 and last <= indices.shape[0] and monotone
+                    and lo >= 0, hi)
+        table[key] = entry
+        return entry
+
+    def _mix_error(self, arrays) -> ValueError:
+        """The first thing wrong with mix_rows' arguments (built only on failure)."""
+        names = ARRAYS["mix_rows"]
+        for name, a, dt in zip(names, arrays, (F32, F32, F32, np.int64, np.int64, F32)):
+            if not hasattr(a, "dtype") or not hasattr(a, "flags"):
+                return ValueError(f"kernel argument mix_rows.{name} must be a C-contiguous "
+                                  f"{np.dtype(dt).name} array, got {type(a).__name__}")
+            try:
+                _check("mix_rows", name, a, dt)
+            except ValueError as exc:
+                return exc
+        out, local, remote, indptr, indices, weights = arrays
+        if out.ndim != 2:
+            return ValueError(f"kernel mix_rows: out must be 2-D (rows, d), got {_describe(out)}")
+        rows, d = out.shape
+        for name, a in (("local", local), ("remote", remote)):
+            if a.ndim != 2 or a.shape[1] != d:
+                return ValueError(f"kernel mix_rows: {name} must be 2-D with out's row length d = {d}, "
+                                  f"got {_describe(a)}")
+        if indptr.shape != (rows + 1,):
+            return ValueError(f"kernel mix_rows: indptr must have shape ({rows + 1},) (out's rows + 1), "
+                              f"got {_describe(indptr)}")
+        if indices.ndim != 1 or weights.shape != indices.shape:
+            return ValueError(f"kernel mix_rows: indices and weights must be 1-D of one length, "
+                              f"got indices {_describe(indices)} and weights {_describe(weights)}")
+        first, last, monotone = _indptr_bounds(indptr)
+        if first < 0 or last > indices.shape[0] or not monotone:
+            return ValueError(f"kernel mix_rows: indptr must be non-decreasing within [0, {indices.shape[0]}] "
+                              f"(the length of indices), got first {first}, last {last}, "
+                              f"non-decreasing={monotone}")
+        lo, hi = _index_bounds(indices)
+        n_src = local.shape[0] + remote.shape[0]
+        return ValueError(f"kernel mix_rows: indices must lie in [0, {n_src}) (local rows {local.shape[0]} "
+                          f"+ remote rows {remote.shape[0]}), got min {lo}, max {hi}")

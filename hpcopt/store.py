@@ -40,6 +40,11 @@ RUN_FILE = "run.h5"
 CKPT_DIR = "ckpt"
 
 
+class RunFileError(OSError):
+    """A file that is not an hpcopt run file (an OSError: callers that report "cannot
+    read the run file" handle it with every other read failure)."""
+
+
 # ---------------------------------------------------------------------------------------
 # small file helpers
 
@@ -65,13 +70,28 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _discard(path: str) -> None:
+    """Remove a temporary file after a failed write (a full disk must not fill up more)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def atomic_write_text(path: str, text: str) -> None:
+    """Write `path` through a temporary file and a rename: the old contents stay whole
+    until the new ones are on disk; a failed write (e.g. a full disk) removes the
+    temporary file and raises the OSError."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
     fsync_dir(os.path.dirname(path) or ".")
 
 
@@ -228,10 +248,14 @@ def backup_run_file(run_dir: str) -> None:
     """Copy run.h5 to run.h5.bak atomically (taken at every checkpoint)."""
     src = os.path.join(run_dir, RUN_FILE)
     tmp = src + ".bak.tmp"
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, src + ".bak")
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, src + ".bak")
+    except BaseException:  # the previous run.h5.bak stays as it was
+        _discard(tmp)
+        raise
     fsync_dir(run_dir)
 
 
@@ -251,6 +275,8 @@ def read_run(run_dir: str) -> dict:
 
     If run.h5 cannot be read (a crash in the middle of a flush), the copy taken at the
     last checkpoint (run.h5.bak) is read instead and `out["from_backup"]` is True.
+    A file that opens as HDF5 but has no /config or /metrics raises RunFileError (an
+    OSError); anything else that cannot be read raises OSError.
     """
     path = run_dir if run_dir.endswith(".h5") else os.path.join(run_dir, RUN_FILE)
     out: dict = {"path": path, "from_backup": False}
@@ -260,8 +286,10 @@ def read_run(run_dir: str) -> dict:
         try:
             with flush_lock(path, exclusive=False):
                 return _read(path, out)
-        except (OSError, KeyError):
+        except (OSError, KeyError) as exc:
             if attempt == 4:
+                if isinstance(exc, KeyError):
+                    raise RunFileError(f"{path} is not a readable hpcopt run file ({exc})") from None
                 raise
             time.sleep(0.05 * (attempt + 1))
     return out
@@ -270,6 +298,11 @@ def read_run(run_dir: str) -> dict:
 def _read(path: str, out: dict) -> dict:
     # no HDF5 file lock: the run's writer (rank 0) must never be blocked by a reader
     with h5py.File(path, "r", locking=False) as f:
+        missing = [name for name, kind in (("config", h5py.Dataset), ("metrics", h5py.Group))
+                   if not isinstance(f.get(name), kind)]
+        if missing:  # RunFile.create writes both at once, so this is no run file at all
+            raise RunFileError(f"{path} is not an hpcopt run file: it has no "
+                               f"{' or '.join('/' + m for m in missing)}")
         cfg = f["config"]
         text = cfg[()]
         out["config_text"] = text.decode() if isinstance(text, bytes) else str(text)
@@ -316,23 +349,43 @@ def write_shard(run_dir: str, step: int, rank: int, lo: int, hi: int,
     name = f"rank-{rank:05d}.h5"
     final = os.path.join(d, name)
     tmp = f"{final}.tmp"
-    with h5py.File(tmp, "w") as f:
-        f.attrs["step"] = step
-        f.attrs["lo"] = lo
-        f.attrs["hi"] = hi
-        gs = f.create_group("sharded")
-        for k, v in sharded.items():
-            gs.create_dataset(k, data=v)
-        gr = f.create_group("replicated")
-        for k, v in replicated.items():
-            gr.create_dataset(k, data=v)
-    if before_rename is not None:
-        before_rename()
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["step"] = step
+            f.attrs["lo"] = lo
+            f.attrs["hi"] = hi
+            gs = f.create_group("sharded")
+            for k, v in sharded.items():
+                gs.create_dataset(k, data=v)
+            gr = f.create_group("replicated")
+            for k, v in replicated.items():
+                gr.create_dataset(k, data=v)
+        if before_rename is not None:
+            before_rename()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        digest = sha256(tmp)
+        if os.path.exists(final):
+            # this step was checkpointed before (a stop request at a checkpoint step): an
+            # identical shard stays as it is, so the earlier checkpoint is never at risk;
+            # a different one voids the old COMPLETE before the shard is replaced
+            if _same_file(final, digest):
+                _discard(tmp)
+                return name, digest
+            _discard(os.path.join(d, "COMPLETE"))
+        os.replace(tmp, final)
+    except BaseException:  # e.g. a full disk: no partial file is left behind
+        _discard(tmp)
+        raise
     fsync_dir(d)
-    return name, sha256(final)
+    return name, digest
+
+
+def _same_file(path: str, digest: str) -> bool:
+    try:
+        return sha256(path) == digest
+    except OSError:
+        return False
 
 
 def write_complete(run_dir: str, step: int, shards: List[dict], meta: Dict[str, object]) -> None:
@@ -353,10 +406,57 @@ def list_steps(run_dir: str) -> List[int]:
     return sorted(steps)
 
 
-def verify(run_dir: str, step: int) -> Tuple[Optional[dict], str]:
-    """(COMPLETE contents, "") if the checkpoint is whole and intact, else (None, reason)."""
-    d = step_dir(run_dir, step)
-    marker = os.path.join(d, "COMPLETE")
+def _shape_error(info, step: int) -> str:
+    """What is wrong with the structure of a parsed COMPLETE marker ("" if nothing).
+
+    The marker must be what write_complete writes: an object with this step, a non-empty
+    list of shards (rank, plain file name, SHA-256, node range lo..hi) held by distinct
+    ranks including rank 0 (it holds the replicated fields), whose ranges tile the
+    nodes 0..nodes-1 without gaps or overlaps.
+    """
+    if not isinstance(info, dict):
+        return f"it holds a JSON {type(info).__name__}, not an object"
+    if type(info.get("step")) is not int or info["step"] != step:
+        return f"its step is {info.get('step')!r}, not {step}"
+    shards = info.get("shards")
+    if not isinstance(shards, list):
+        return f"'shards' is {type(shards).__name__}, not a list"
+    if not shards:
+        return "it lists no shards"
+    for i, sh in enumerate(shards):
+        if not isinstance(sh, dict):
+            return f"shard {i} is a JSON {type(sh).__name__}, not an object"
+        bad = [k for k in ("rank", "lo", "hi") if type(sh.get(k)) is not int or sh[k] < 0]
+        if bad:
+            return f"shard {i} has no non-negative integer {bad[0]!r}"
+        f = sh.get("file")
+        if not isinstance(f, str) or f in ("", ".", "..") or os.path.basename(f) != f:
+            return f"shard {i} has no plain file name (got {f!r})"
+        h = sh.get("sha256")
+        if not isinstance(h, str) or len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+            return f"shard {i} has no SHA-256 (64 hex digits)"
+        if sh["lo"] > sh["hi"]:
+            return f"shard {i} has the node range {sh['lo']}..{sh['hi']}"
+    ranks = [sh["rank"] for sh in shards]
+    if len(set(ranks)) != len(ranks) or len({sh["file"] for sh in shards}) != len(shards):
+        return "two shards have the same rank or file"
+    if 0 not in ranks:
+        return "no shard of rank 0"
+    pos = 0
+    for sh in sorted(shards, key=lambda sh: (sh["lo"], sh["hi"])):
+        if sh["lo"] != pos:
+            return f"the shards' node ranges leave a gap or overlap at node {min(pos, sh['lo'])}"
+        pos = sh["hi"]
+    nodes = info.get("nodes", pos)
+    if type(nodes) is not int or nodes != pos:
+        return f"the shards cover nodes 0..{pos - 1}, but 'nodes' is {nodes!r}"
+    return ""
+
+
+def read_marker(run_dir: str, step: int) -> Tuple[Optional[dict], str]:
+    """(COMPLETE contents, "") if the marker exists, parses and has the right structure,
+    else (None, reason); the shards themselves are not read (see verify)."""
+    marker = os.path.join(step_dir(run_dir, step), "COMPLETE")
     if not os.path.exists(marker):
         return None, f"checkpoint step {step} is incomplete (no COMPLETE marker)"
     try:
@@ -364,11 +464,27 @@ def verify(run_dir: str, step: int) -> Tuple[Optional[dict], str]:
             info = json.load(fh)
     except (OSError, ValueError) as exc:
         return None, f"checkpoint step {step} has an unreadable COMPLETE marker ({exc})"
-    for shard in info.get("shards", []):
+    why = _shape_error(info, step)
+    if why:
+        return None, f"checkpoint step {step} is incomplete: its COMPLETE marker is malformed ({why})"
+    return info, ""
+
+
+def verify(run_dir: str, step: int) -> Tuple[Optional[dict], str]:
+    """(COMPLETE contents, "") if the checkpoint is whole and intact, else (None, reason)."""
+    info, why = read_marker(run_dir, step)
+    if info is None:
+        return None, why
+    d = step_dir(run_dir, step)
+    for shard in info["shards"]:
         path = os.path.join(d, shard["file"])
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             return None, f"checkpoint step {step} misses {shard['file']}"
-        if sha256(path) != shard["sha256"]:
+        try:
+            digest = sha256(path)
+        except OSError as exc:
+            return None, f"checkpoint step {step}: {shard['file']} cannot be read ({exc.strerror or exc})"
+        if digest != shard["sha256"]:
             return None, f"checkpoint step {step}: {shard['file']} does not match its checksum"
     return info, ""
 
@@ -410,9 +526,13 @@ def read_state(run_dir: str, info: dict, lo: int, hi: int, sharded: List[str],
 
 
 def prune(run_dir: str, keep: int) -> List[int]:
-    """Remove all but the newest `keep` complete checkpoints (and older incomplete ones)."""
+    """Remove all but the newest `keep` complete checkpoints (and older incomplete ones).
+
+    Complete means a COMPLETE marker of the right structure (read_marker): a malformed
+    one never counts toward `keep`, so it cannot push out an intact older checkpoint.
+    """
     steps = list_steps(run_dir)
-    complete = [s for s in steps if os.path.exists(os.path.join(step_dir(run_dir, s), "COMPLETE"))]
+    complete = [s for s in steps if read_marker(run_dir, s)[0] is not None]
     keep_set = set(complete[-keep:])
     newest = complete[-1] if complete else -1
     removed = []

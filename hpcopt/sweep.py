@@ -63,6 +63,9 @@ def _command(path: str, run_dir: str, sets: Sequence[str], ranks: int) -> List[s
 
 
 def main(path: str, grid_items: Sequence[str], overrides: Sequence[str], ranks: int, dry_run: bool) -> int:
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ConfigError(f"--ranks = {config_mod._show(ranks)} is not allowed: must be an integer >= 1 "
+                          f"(MPI ranks per run)")
     runs = plan(path, grid_items, overrides)
     failed = []
     for i, (run_dir, sets) in enumerate(runs, 1):

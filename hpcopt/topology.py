@@ -16,8 +16,10 @@ product of one period of matrices is exactly the averaging matrix 11^T / n.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import List, NamedTuple, Set, Tuple
+import typing
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 
@@ -223,11 +225,40 @@ def check_mixing_matrix(W: np.ndarray, symmetric: bool = True, tol: float = 1e-1
         raise ValueError("mixing matrix is not symmetric")
 
 
-def build(name: str, n: int, weights: str = "metropolis", p: float = 0.3, seed: int = 0,
-          path: str = "", rows: int = 0) -> Topology:
-    """Build a topology by name (see NAMES); validates the result."""
+# option names of `hpcopt topology` for the messages of check_params / build
+CLI_KEYS = {"name": "NAME", "n": "--n", "weights": "--weights", "p": "--p", "seed": "--seed", "path": "--path",
+            "rows": "--rows"}
+
+
+def check_params(name: str, n: int, weights: str = "metropolis", p: float = 0.3, seed: int = 0,
+                 path: str = "", rows: int = 0, keys: Optional[Dict[str, str]] = None) -> None:
+    """Raise ConfigError (one line) for any value the config's `topology` section rejects.
+
+    The rules are the config's own (type, choices and bounds of config.TopologyCfg's
+    fields, checked by the config loader's functions), so `hpcopt topology` and a YAML
+    file accept exactly the same values. `keys` renames parameters in the messages
+    (CLI_KEYS: the command line's option names); the default is the config keys.
+    """
+    from . import config
+    keys = keys or {}
+    where = f"{keys.get('n', 'nodes.n')} = {config._show(n)} is not allowed"
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise ConfigError(f"{where}: must be an integer >= 1")
     if n < 1:
-        raise ConfigError(f"nodes.n = {n} is not allowed: must be >= 1")
+        raise ConfigError(f"{where}: must be >= 1")
+    fields = {f.name: f for f in dataclasses.fields(config.TopologyCfg)}
+    hints = typing.get_type_hints(config.TopologyCfg)
+    for k, v in (("name", name), ("weights", weights), ("p", p), ("seed", seed), ("path", path), ("rows", rows)):
+        key = keys.get(k, f"topology.{k}")
+        v = v.item() if isinstance(v, np.generic) else v
+        config._check_rules(key, config._coerce(hints[k], v, key), fields[k].metadata)
+
+
+def build(name: str, n: int, weights: str = "metropolis", p: float = 0.3, seed: int = 0,
+          path: str = "", rows: int = 0, keys: Optional[Dict[str, str]] = None) -> Topology:
+    """Build a topology by name (see NAMES); checks the parameters (check_params) and
+    validates the result."""
+    check_params(name, n, weights=weights, p=p, seed=seed, path=path, rows=rows, keys=keys)
     if name == "one_peer_exponential":
         mats = one_peer_matrices(n)
         for W in mats:

@@ -11,7 +11,14 @@ if [ $# -lt 2 ]; then
 fi
 ranks="$1"
 shift
-case "$ranks" in ''|*[!0-9]*) echo "workstation.sh: NRANKS must be a positive integer, got '$ranks'" >&2; exit 2;; esac
+bad_ranks() {
+    echo "workstation.sh: NRANKS = '$1' is not allowed: must be a positive integer (1, 2, ...; at most 9 digits)" >&2
+    exit 2
+}
+case "$ranks" in ''|*[!0-9]*) bad_ranks "$ranks";; esac
+[ "${#ranks}" -le 9 ] || bad_ranks "$ranks"  # longer ones would overflow the shell's arithmetic
+[ $(( 10#$ranks )) -ge 1 ] || bad_ranks "$ranks"  # 0 ranks: nothing to run (and no share of the cores)
+ranks=$(( 10#$ranks ))  # 08 is eight, not a bad octal number
 cores="$(nproc 2>/dev/null || echo 1)"
 per=$(( cores / ranks ))
 [ "$per" -ge 1 ] || per=1

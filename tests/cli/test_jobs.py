@@ -92,3 +92,30 @@ def test_usr1_checkpoints_and_requeues_then_resume_finishes(tmp_path):
     assert f"resuming quickstart at step {stopped}" in proc.stdout
     run = store.read_run(str(out))
     assert run["metrics"]["step"].tolist() == list(range(stopped + 30))
+
+
+@pytest.mark.parametrize("ranks", ["0", "00", "-1", "abc", "", "1.5", "4x", "1234567890"])
+def test_workstation_rejects_a_rank_count_that_is_not_a_positive_integer(tmp_path, ranks):
+    launcher = tmp_path / "launcher"
+    launcher.write_text(f"#!/bin/sh\ntouch {tmp_path / 'launched'}\n")
+    launcher.chmod(0o755)
+    proc = subprocess.run(["bash", str(JOBS / "workstation.sh"), ranks, str(QUICK)], cwd=tmp_path,
+                          env=env(HPCOPT_MPIEXEC=str(launcher)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"workstation.sh: NRANKS = '{ranks}' is not allowed: must be a positive integer "
+                     f"(1, 2, ...; at most 9 digits)"]
+    assert not (tmp_path / "launched").exists()
+
+
+@pytest.mark.parametrize("ranks, expect", [("3", "3"), ("08", "8")])
+def test_workstation_passes_a_good_rank_count_to_the_launcher(tmp_path, ranks, expect):
+    launcher = tmp_path / "launcher"
+    launcher.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'args'}\n")
+    launcher.chmod(0o755)
+    proc = subprocess.run(["bash", str(JOBS / "workstation.sh"), ranks, str(QUICK), "--set", "run.steps=1"],
+                          cwd=tmp_path, env=env(HPCOPT_MPIEXEC=str(launcher), HPCOPT_PYTHON="python3"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "args").read_text().split() == ["-n", expect, "python3", "-m", "mpi4py", "-m", "hpcopt", "run",
+                                                       str(QUICK), "--set", "run.steps=1"]

@@ -185,3 +185,151 @@ def test_gpu_mix_rows_matches_reference():
     ref = np.empty((9, 1013), np.float32)
     K.Kernels(mode="numpy").mix_rows(ref, local, remote, indptr, indices, weights)
     assert np.array_equal(cp.asnumpy(out), ref)
+
+
+# -- sizes and shapes are checked before any call into C ------------------------------
+
+METHODS = {"sgd": ("sgd_update", 2, (0.1, 0.01)), "momentum": ("momentum_update", 3, (0.1, 0.9, 0.01, True)),
+           "rmsprop": ("rmsprop_update", 3, (0.01, 0.99, 1e-3, 1e-8, 0.01)),
+           "adam": ("adam_update", 4, (0.01, 0.9, 0.999, 3, 0.0, 1e-8, 0.0)),
+           "scaled": ("scaled_update", 3, (0.1, 1e-2, 0.01))}
+# (L, d) blocks whose wrong operand has: no columns (a checkpoint written with momentum 0
+# holds an (L, 0) buffer), one element too few or too many, one row, or x's size in
+# another shape (a NumPy reference would broadcast the one-row case silently)
+WRONG = {"empty rows": (4, 0), "one short": (4 * 5 - 1,), "one long": (4, 6), "one row": (1, 5),
+         "flat": (20,)}
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def kern(request):
+    if request.param == "compiled" and K._compiler() is None:
+        pytest.skip("no C++ compiler (g++/c++/clang++) to build the CPU kernels")
+    return K.Kernels(mode=request.param)
+
+
+@pytest.mark.parametrize("wrong", WRONG)
+@pytest.mark.parametrize("method", METHODS)
+def test_update_kernels_reject_arrays_of_another_size(kern, method, wrong):
+    op, count, scalars = METHODS[method]
+    for pos in range(count):
+        arrs = operands(0, count, shape=(4, 5))
+        arrs[pos] = np.abs(np.random.default_rng(pos).standard_normal(WRONG[wrong])).astype(np.float32)
+        before = [a.copy() for a in arrs]
+        with pytest.raises(ValueError, match=rf"^kernel {op}: \w+ has shape \(.*\) \(\d+ elements\) but x has shape"):
+            getattr(kern, method)(*arrs, *scalars)
+        assert all(np.array_equal(a, b) for a, b in zip(arrs, before))  # nothing was written
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_update_kernels_name_the_wrong_array_and_both_sizes(kern, method):
+    op, count, scalars = METHODS[method]
+    names = K.ARRAYS[op]
+    for pos in range(1, count):
+        arrs = operands(0, count, shape=(4, 5))
+        arrs[pos] = np.zeros((4, 0), np.float32)
+        with pytest.raises(ValueError) as info:
+            getattr(kern, method)(*arrs, *scalars)
+        assert str(info.value) == (f"kernel {op}: {names[pos]} has shape (4, 0) (0 elements) but x has shape "
+                                   f"(4, 5) (20 elements); {', '.join(names)} must all have the same shape")
+
+
+def test_update_kernels_reject_a_missing_array(kern):
+    x, g = operands(0, 2, shape=(4, 5))
+    with pytest.raises(ValueError, match=r"momentum_update\.m must be a C-contiguous float32 array, got NoneType"):
+        kern.momentum(x, g, None, 0.1, 0.9)
+
+
+def test_momentum_with_an_empty_buffer_from_a_momentum_free_checkpoint(kern):
+    # the crash of the robustness issue: a run resumed with momentum > 0 from a
+    # checkpoint written with momentum 0 handed the (L, 0) buffer to momentum_update
+    X = np.ones((16, 650), np.float32)
+    G = np.ones_like(X)
+    M = np.zeros((16, 0), np.float32)
+    with pytest.raises(ValueError, match=r"kernel momentum_update: m has shape \(16, 0\) \(0 elements\) "
+                                         r"but x has shape \(16, 650\) \(10400 elements\)"):
+        kern.momentum(X, G, M, 0.1, 0.9)
+    assert np.all(X == 1)
+
+
+def good_mix(rows=3, d=5):
+    local, remote, indptr, indices, weights = mix_case(rows, d, 3, 2, seed=4)
+    return dict(out=np.zeros((rows, d), np.float32), local=local, remote=remote, indptr=indptr,
+                indices=indices, weights=weights)
+
+
+def i64(*v):
+    return np.array(v, np.int64)
+
+
+MIX_WRONG = {
+    "out 1-D": (dict(out=np.zeros(15, np.float32)), r"out must be 2-D \(rows, d\), got shape \(15,\)"),
+    "local row length": (dict(local=np.zeros((3, 4), np.float32)),
+                         r"local must be 2-D with out's row length d = 5, got shape \(3, 4\) \(12 elements\)"),
+    "local 1-D": (dict(local=np.zeros(5, np.float32)),
+                  r"local must be 2-D with out's row length d = 5, got shape \(5,\)"),
+    "remote row length": (dict(remote=np.zeros((2, 6), np.float32)),
+                          r"remote must be 2-D with out's row length d = 5, got shape \(2, 6\)"),
+    "remote no columns": (dict(remote=np.zeros((2, 0), np.float32)), r"remote must be 2-D .* got shape \(2, 0\)"),
+    "indptr short": (dict(indptr=i64(0, 1, 2)), r"indptr must have shape \(4,\) \(out's rows \+ 1\), got shape \(3,\)"),
+    "indptr long": (dict(indptr=i64(0, 1, 2, 3, 3)), r"indptr must have shape \(4,\) .* got shape \(5,\)"),
+    "weights short": (dict(indptr=i64(0, 1, 2, 3), indices=i64(0, 1, 2), weights=np.ones(2, np.float32)),
+                      r"indices and weights must be 1-D of one length, got indices shape \(3,\) \(3 elements\) "
+                      r"and weights shape \(2,\) \(2 elements\)"),
+    "indices 2-D": (dict(indptr=i64(0, 1, 2, 3), indices=i64(0, 1, 2).reshape(3, 1),
+                         weights=np.ones((3, 1), np.float32)), r"indices and weights must be 1-D"),
+    "indptr past nnz": (dict(indptr=i64(0, 1, 2, 4), indices=i64(0, 1, 2), weights=np.ones(3, np.float32)),
+                        r"indptr must be non-decreasing within \[0, 3\] \(the length of indices\), got first 0, "
+                        r"last 4"),
+    "indptr negative": (dict(indptr=i64(-1, 1, 2, 3), indices=i64(0, 1, 2), weights=np.ones(3, np.float32)),
+                        r"got first -1"),
+    "indptr decreasing": (dict(indptr=i64(0, 2, 1, 3), indices=i64(0, 1, 2), weights=np.ones(3, np.float32)),
+                          r"non-decreasing=False"),
+    "index too large": (dict(indptr=i64(0, 1, 2, 3), indices=i64(0, 5, 2), weights=np.ones(3, np.float32)),
+                        r"indices must lie in \[0, 5\) \(local rows 3 \+ remote rows 2\), got min 0, max 5"),
+    "index negative": (dict(indptr=i64(0, 1, 2, 3), indices=i64(0, -1, 2), weights=np.ones(3, np.float32)),
+                       r"indices must lie in \[0, 5\) .* got min -1"),
+    "indices dtype": (dict(indices=np.zeros(3, np.int32)), r"mix_rows\.indices must be a C-contiguous int64"),
+}
+
+
+@pytest.mark.parametrize("case", MIX_WRONG)
+def test_mix_rows_rejects_wrong_sizes_and_bounds(kern, case):
+    change, message = MIX_WRONG[case]
+    args = {**good_mix(), **change}
+    out0 = args["out"].copy()
+    with pytest.raises(ValueError, match=message):
+        kern.mix_rows(**args)
+    assert np.array_equal(args["out"], out0)
+
+
+def test_mix_rows_bounds_are_never_taken_from_a_dead_array(kern):
+    # CSR bounds are remembered per live array; a new array that reuses a freed one's id
+    # must be checked afresh, or an out-of-range index would reach the C loop
+    args = good_mix()
+    for _ in range(50):
+        args["indices"] = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1][:args["indices"].size], np.int64)
+        kern.mix_rows(**args)
+        n = args["indices"].size
+        del args["indices"]
+        args["indices"] = np.full(n, 99, np.int64)
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 5\)"):
+            kern.mix_rows(**args)
+    assert len(kern._csr) <= 2  # dead arrays leave the table
+
+
+@pytest.mark.parametrize("L", [1, 3])
+@pytest.mark.parametrize("out_shape, x_shape", [((4,), (None, 5)), ((5, 1), (None, 5)), ((5,), (None, 0)),
+                                                ((5,), (5,))])
+def test_row_sum_rejects_wrong_sizes(kern, L, out_shape, x_shape):
+    out = np.zeros(out_shape, np.float32)
+    X = np.ones(tuple(L if s is None else s for s in x_shape), np.float32)
+    with pytest.raises(ValueError, match=r"kernel row_sum: X must be 2-D \(rows, d\) and out of shape \(d,\)"):
+        kern.row_sum(out, X, 0.5)
+    assert np.all(out == 0)
+
+
+def test_row_sum_still_sums(kern):
+    X = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = np.empty(4, np.float32)
+    kern.row_sum(out, X, 0.5)
+    assert np.array_equal(out, X.sum(axis=0) * np.float32(0.5))
