@@ -124,10 +124,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_topology(args) -> int:
     from . import topology
-    if args.n < 1:
-        return _fail(f"--n = {args.n} is not allowed: must be >= 1")
     topo = topology.build(args.name, args.n, weights=args.weights, p=args.p, seed=args.seed,
-                          path=args.path, rows=args.rows)
+                          path=args.path, rows=args.rows, keys=topology.CLI_KEYS)
     s = topology.summary(topo)
     print(f"topology {s['name']} on {s['n']} nodes ({'directed, ' if s['directed'] else ''}"
           f"{s['phases']} phase{'s' if s['phases'] > 1 else ''})")

@@ -182,7 +182,7 @@ class RunCfg:
     name: str = _f("", "run name; the run directory is OUT/NAME (default: the config file stem)")
     out: str = _f("runs", "parent directory of run directories")
     steps: int = _f(1000, "number of optimization steps", gt=0)
-    seed: int = _f(0, "seed of every random stream (keyed by seed, node, step)", ge=0)
+    seed: int = _f(0, "seed of every random stream (keyed by seed, node, step)", ge=0, le=2**64 - 1)
     eval_every: int = _f(100, "evaluate test loss/accuracy every this many steps (0: only at the end)", ge=0)
     log_every: int = _f(50, "flush metrics to run.h5 and print progress every this many steps", gt=0)
     checkpoint_every: int = _f(0, "write a checkpoint every this many steps (0: only at the end and on stop)", ge=0)

@@ -60,6 +60,8 @@ class Faults:
             if kind not in ("kill", "kill-shard", "kill-complete", "sleep", "term"):
                 raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: kinds are kill, kill-shard, "
                                   f"kill-complete, sleep, term")
+            if not (math.isfinite(self.seconds) and self.seconds >= 0):
+                raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: SECONDS must be a finite number >= 0")
 
     def _hit(self, kind: str, step: int, rank: int) -> bool:
         return self.kind == kind and self.step == step and self.rank == rank
@@ -274,15 +276,21 @@ class Runner:
         shards = c.gather_obj(mine)
         if c.rank == 0:
             errors = [s["error"] for s in shards if "error" in s]
+            if not errors:
+                self.faults.before_complete(step)
+                try:  # a full disk here must not stop rank 0 short of the barrier the others wait in
+                    store.write_complete(self.run_dir, step, shards,
+                                         {"ranks": c.size, "nodes": c.n, "algorithm": self.cfg.algorithm.name.value})
+                    store.backup_run_file(self.run_dir)
+                    store.prune(self.run_dir, self.cfg.run.keep_checkpoints)
+                except OSError as exc:
+                    errors = [str(exc)]
             if errors:
                 self.say(f"hpcopt: checkpoint at step {step} failed: {errors[0]}")
-                self.rf.event(step, "checkpoint_failed", errors[0])
-            else:
-                self.faults.before_complete(step)
-                store.write_complete(self.run_dir, step, shards,
-                                     {"ranks": c.size, "nodes": c.n, "algorithm": self.cfg.algorithm.name.value})
-                store.backup_run_file(self.run_dir)
-                store.prune(self.run_dir, self.cfg.run.keep_checkpoints)
+                try:
+                    self.rf.event(step, "checkpoint_failed", errors[0])
+                except OSError:
+                    pass  # the disk that refused the checkpoint may refuse the event too; the line above says it
         c.barrier()
 
     # ---------------------------------------------------------------------------------
