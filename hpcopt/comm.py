@@ -16,6 +16,12 @@ extra node). A rank holds its nodes' rows as one `(local_n, d)` array; `mix`, `m
 * Device buffers: with a CUDA-aware MPI (detected once, lazily; overridable) device
   arrays go to MPI directly after the producing stream is synchronised; otherwise they
   are staged through pinned host buffers.
+  The stream rule: everything that writes a device buffer (the fused kernels, CuPy, and
+  torch, which the torch backend runs on an external stream wrapping CuPy's current
+  stream, exchanging arrays through DLPack without copies) is queued on the rank's one
+  current stream, and that stream is synchronised before MPI is handed the buffer (send
+  or receive) and before a staged copy is read on the host. Buffers handed to MPI are
+  C-contiguous with positive strides (rows of the `(local_n, d)` blocks, or the blocks).
 * Waits are polite (test and yield the core for a few milliseconds, then test and sleep
   with a back-off) so oversubscribed CPU ranks leave the cores to each other, and a wait
   longer than `timeout` seconds aborts the
