@@ -164,7 +164,10 @@ class TorchModel:
             if not a.flags.writeable or any(s < 0 for s in a.strides):
                 a = np.ascontiguousarray(a).copy() if not a.flags.writeable else np.ascontiguousarray(a)
             return torch.from_numpy(a)
-        assert a.flags.c_contiguous and all(s > 0 for s in a.strides if s), "device buffers must be contiguous"
+        if writable:  # torch writes these rows in place: only plain contiguous device buffers
+            assert a.flags.c_contiguous and all(s > 0 for s in a.strides), "device rows must be C-contiguous"
+        elif not a.flags.c_contiguous:  # broadcast views (shared weights, the average model): one copy
+            a = a.copy(order="C")
         return torch.from_dlpack(a)
 
     def _out(self, t: torch.Tensor, like):
