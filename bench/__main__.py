@@ -9,8 +9,18 @@ baseline in the same run:
   simulation  256 nodes on one rank vs a per-node Python loop; 1 rank x 16 nodes vs 16 ranks x 1
   hybrid      CPU seconds / wall seconds of the parameter server and workers, 8 ranks on 2 cores
   memory      1024 nodes x d = 1e4 with Adam: peak allocation vs state bytes
+  torch       when torch is installed (bench/torch_nets.py, lenet on the MNIST sample, batch 32
+              per node, 1 torch thread per process): loss_grad with vmap vs the per-node loop
+              (16 and 64 nodes on one rank); hpcopt sync SGD and D-SGD (ring) vs
+              DistributedDataParallel (gloo) at 4 ranks x 1 node; engine step over plain torch
+              forward + backward (1 and 4 ranks)
 and prints one table of ratios with the targets, then saves it as JSON
 (default bench/results/bench.json).
+
+`python -m bench --gpu` runs only bench/gpu.py: the GPU tests (pytest) and GPU benchmarks
+(fused kernels vs the device's copy bandwidth, resnet20 vmap vs loop on CUDA, DLPack
+zero-copy checks, a short GPU run of the engine) in under 8 minutes on one GPU, saved to
+bench/results/gpu.json; without a GPU (or CuPy) it prints one line saying so and exits 0.
 """
 from __future__ import annotations
 
@@ -63,10 +73,77 @@ def gloo_rows(mpiexec, tmp):
     return rows
 
 
+def torch_rows(py, mpiexec, tmp):
+    """bench/torch_nets.py: vmap vs loop on one rank; engines vs DDP and plain torch at 1 and 4 ranks."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return [{"bench": "torch", "case": "lenet: vmap vs loop, engines vs DDP", "note": "skipped: torch is not "
+                 "installed (pip install torch to compare)"}]
+    script = os.path.join(HERE, "torch_nets.py")
+    rows = []
+    for r in _run([py, script, "vmap"], tmp, "torch_vmap")["rows"]:
+        rows.append({"bench": "torch", "case": f"lenet loss_grad vmap vs loop, {r['nodes']} nodes on 1 rank "
+                     f"(node-steps/s)", "hpcopt": r["vmap_node_steps_s"], "baseline": r["loop_node_steps_s"],
+                     "ratio": r["ratio"], "target": ">= 3" if r["nodes"] == 16 else "",
+                     "note": f"ceiling {r['ceiling']:.2f}: loop vs one module on all samples"})
+    if mpiexec is None:
+        return rows + [{"bench": "torch", "case": "engines vs DDP / plain torch", "note": "skipped: no mpiexec"}]
+    for ranks in (1, 4):
+        res = _run([mpiexec, "-n", str(ranks), py, script, "engines"], tmp, f"torch_engines{ranks}")
+        rk = f"{ranks} rank{'s' if ranks > 1 else ''}"
+        for r in res["rows"]:
+            vec = r["vectorize"] + (f"->{r['vectorize_used']}" if r["vectorize"] == "auto" else "")
+            method = {"sync_sgd": "sync SGD", "dsgd": "D-SGD ring", "loss_grad": "loss_grad",
+                      "ddp": "DDP"}[r["method"]]
+            default = r["vectorize"] == "auto"
+            if r["case"].endswith("vs ddp"):
+                if ranks == 1:
+                    continue
+                target = ("<= 1" if r["method"] == "sync_sgd" else "< 1") if default else ""
+                case = f"lenet {method} ({vec}) vs DDP gloo: step ms, {rk} x 1 node"
+            elif r["method"] == "ddp":
+                target, case = "", f"lenet DDP step vs plain fwd+bwd (ms, {rk})"
+            elif r["method"] == "loss_grad":
+                target, case = "", f"lenet loss_grad ({vec}) vs plain fwd+bwd (ms, {rk})"
+            else:
+                target = "<= 1.1" if default else ""
+                case = f"lenet {method} ({vec}) step vs plain fwd+bwd: overhead (ms, {rk})"
+            rows.append({"bench": "torch", "case": case, "hpcopt": r["hpcopt_ms"], "baseline": r["baseline_ms"],
+                         "ratio": r["ratio"], "target": target})
+    return rows
+
+
+def gpu_main(json_path: str) -> int:
+    """bench/gpu.py (it prints its own progress and table); without a GPU it prints one line."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "gpu.json")
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "gpu.py"), "--json", out], env=env)
+        try:
+            with open(out) as fh:
+                res = json.load(fh)
+        except (OSError, ValueError):
+            raise SystemExit(f"bench: gpu failed (exit {proc.returncode}) before writing its results") from None
+    if not res["available"]:
+        return proc.returncode
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as fh:
+        json.dump({"time": time.time(), "rows": res["rows"], "failures": res["failures"]}, fh, indent=1)
+    print(f"saved {json_path}", file=sys.stderr)
+    return proc.returncode
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench.json"))
+    p.add_argument("--json", default=None, help="where to save the table (default bench/results/bench.json, "
+                                                "with --gpu bench/results/gpu.json)")
+    p.add_argument("--gpu", action="store_true", help="only the GPU tests and benchmarks (bench/gpu.py); "
+                                                     "without a GPU: one line, exit 0")
     args = p.parse_args()
+    if args.gpu:
+        sys.exit(gpu_main(args.json or os.path.join(HERE, "results", "gpu.json")))
+    args.json = args.json or os.path.join(HERE, "results", "bench.json")
     py = sys.executable
     mpiexec = _mpiexec()
     rows = []
@@ -105,6 +182,7 @@ def main() -> None:
         for r in _run([py, os.path.join(HERE, "memory.py")], tmp, "memory"):
             rows.append({"bench": "memory", "case": r["case"] + ": peak MB vs state MB", "hpcopt": r["peak_MB"],
                          "baseline": r["state_MB"], "ratio": r["ratio"], "target": "<= 1.3"})
+        rows += torch_rows(py, mpiexec, tmp)
     print(table(rows))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:

@@ -36,3 +36,46 @@ def test_memory_bench_measures_at_least_the_state(tmp_path):
     check(proc)
     (row,) = json.loads(out.read_text())
     assert row["peak_MB"] >= row["state_MB"] > 0  # the state itself is allocated
+
+
+def _cupy_sees_a_gpu() -> bool:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 -- no CuPy, no driver, no device
+        return False
+
+
+def test_torch_vmap_bench_runs_and_checks_its_gradients(tmp_path):
+    pytest.importorskip("torch", reason="torch is not installed")
+    import subprocess
+    out = tmp_path / "vmap.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "torch_nets.py"), "vmap", "--nodes", "2", "--reps", "1",
+                           "--json", str(out)], env=env(), capture_output=True, text=True, timeout=120)
+    check(proc)  # the script asserts vmap's and the loop's losses and gradients agree
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["nodes"] == 2 and row["vmap_s"] > 0 and row["loop_s"] > 0 and row["one_module_s"] > 0
+
+
+def test_torch_engines_bench_runs_and_matches_ddp(tmp_path):
+    pytest.importorskip("torch", reason="torch is not installed")
+    out = tmp_path / "engines.json"
+    check(run_mpi(2, [str(BENCH / "torch_nets.py"), "engines", "--steps", "2", "--warmup", "1", "--vectorize", "loop",
+                      "--json", str(out)], timeout=180))
+    res = json.loads(out.read_text())
+    assert res["ranks"] == 2 and res["check_max_abs_diff"] < 1e-5  # one sync SGD step == one DDP step
+    cases = {(r["case"], r["vectorize"]) for r in res["rows"]}
+    assert {("sync_sgd vs ddp", "loop"), ("dsgd vs ddp", "loop"), ("sync_sgd vs plain", "loop"),
+            ("dsgd vs plain", "loop"), ("loss_grad vs plain", "loop"), ("ddp vs plain", "")} == cases
+    assert all(r["hpcopt_ms"] > 0 and r["baseline_ms"] > 0 for r in res["rows"])
+
+
+def test_gpu_bench_without_a_gpu_prints_one_line_and_exits_0():
+    if _cupy_sees_a_gpu():
+        pytest.skip("CuPy sees a GPU: `python -m bench --gpu` runs the real GPU benchmarks there")
+    import subprocess
+    proc = subprocess.run([sys.executable, "-m", "bench", "--gpu"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=60)
+    check(proc)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no GPU/CuPy available" in lines[0], lines
