@@ -12,8 +12,10 @@ gradient comes back as one (local_n, d) array the kernels take directly (zeros i
 buffer block, so every fused update leaves the statistics as they are).
 
 All local nodes in one call: `torch.func.functional_call` under `vmap` over the node
-axis (`model.vectorize: vmap`), or one call per node (`loop`); `auto` tries vmap on the
-first batch and falls back to the loop with one logged line saying why. HVPs are exact,
+axis (`model.vectorize: vmap`), or one call per node (`loop`). `auto` takes the loop on
+the CPU (measured faster there: vmap makes convolutions grouped, which oneDNN runs
+slower) and on a GPU tries vmap on the first batch, falling back to the loop with one
+logged line saying why. HVPs are exact,
 forward-over-reverse (`jvp` of `grad`).
 
 BatchNorm: the running statistics are the buffer block of each node's row, so they are
@@ -55,6 +57,8 @@ from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
 from ..config import ConfigError
 
+_NULL = contextlib.nullcontext()  # reusable: the CPU needs no stream and GroupNorm no mode switch
+
 
 class Entry(NamedTuple):
     name: str
@@ -83,6 +87,10 @@ class FlatSpec:
                 self.fixed[name] = b
         self.d = off
         self.buffers = off - self.params
+        self._names = [e.name for e in self.entries if not e.buffer]
+        self._shapes = [e.shape for e in self.entries if not e.buffer]
+        self._sizes = [e.size for e in self.entries if not e.buffer]
+        self._buffer_entries = [e for e in self.entries if e.buffer]
 
     def flatten(self, module: nn.Module) -> np.ndarray:
         state = dict(module.named_parameters())
@@ -96,12 +104,11 @@ class FlatSpec:
         """Views of one row (d,) as (parameters, buffers) dicts for functional_call; `params`
         (the row's first `self.params` entries as a separate leaf) replaces the parameter part."""
         src = row if params is None else params
-        p, b = {}, dict(self.fixed)
-        for e in self.entries:
-            if e.buffer:
-                b[e.name] = row[e.offset: e.offset + e.size].view(e.shape)
-            else:
-                p[e.name] = src[e.offset: e.offset + e.size].view(e.shape)
+        pieces = torch.split(src[: self.params], self._sizes)  # one call for all views (cheaper than slicing)
+        p = {name: t.view(shape) for name, t, shape in zip(self._names, pieces, self._shapes)}
+        b = dict(self.fixed)
+        for e in self._buffer_entries:
+            b[e.name] = row[e.offset: e.offset + e.size].view(e.shape)
         return p, b
 
     def state_dict(self, row: np.ndarray) -> Dict[str, np.ndarray]:
@@ -151,6 +158,11 @@ class TorchModel:
             self.vectorize = "loop"
             self.log(f"model {kind}: BatchNorm updates running statistics in place, which vmap cannot do; "
                      f"using model.vectorize: loop")
+        elif vectorize == "auto" and not self.on_gpu:
+            # measured on the CPU (bench/torch_nets.py): vmap turns convolutions into grouped ones that
+            # oneDNN runs slower than one call per node (LeNet, 16 nodes: vmap 0.65-0.88x the loop), and
+            # the loop keeps results bit-identical on any number of ranks
+            self.vectorize = "loop"
         self._frozen = 0
 
     # -- conversions --------------------------------------------------------------------
@@ -178,11 +190,11 @@ class TorchModel:
         import cupy
         return cupy.from_dlpack(t.contiguous())
 
-    @contextlib.contextmanager
     def _stream(self):
-        if not self.on_gpu:
-            yield
-            return
+        return self._device_stream() if self.on_gpu else _NULL
+
+    @contextlib.contextmanager
+    def _device_stream(self):
         import cupy
         stream = torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr, device=self.device)
         with torch.cuda.stream(stream):
@@ -197,9 +209,13 @@ class TorchModel:
         finally:
             self._frozen -= 1
 
-    @contextlib.contextmanager
     def _mode(self, train: bool, update_stats: bool):
-        self.module.train(train)
+        if self.module.training != train:
+            self.module.train(train)
+        return self._bn_mode(train, update_stats) if self._bn else _NULL
+
+    @contextlib.contextmanager
+    def _bn_mode(self, train: bool, update_stats: bool):
         saved = [m.track_running_stats for m in self._bn]
         if train and not update_stats:
             for m in self._bn:  # batch statistics, no update, no in-place write
@@ -259,14 +275,49 @@ class TorchModel:
             self.vectorize = "loop"
             self.log(f"model {self.kind}: vmap over nodes failed ({_describe(exc)}); using model.vectorize: loop")
 
+    def _flat_module(self, like: torch.Tensor):
+        """The module with its parameters (and their .grad) as views of two flat tensors, so
+        one node's step is: copy the row in, forward, backward, and the gradient is there."""
+        key = (like.dtype, like.device)
+        if getattr(self, "_flat_key", None) != key:
+            P = self.spec.params
+            self._pflat = torch.zeros(P, dtype=like.dtype, device=like.device)
+            self._gflat = torch.zeros(P, dtype=like.dtype, device=like.device)
+            params = dict(self.module.named_parameters())
+            for name, t, shape in zip(self.spec._names, torch.split(self._pflat, self.spec._sizes), self.spec._shapes):
+                params[name].data = t.view(shape)
+            for name, t, shape in zip(self.spec._names, torch.split(self._gflat, self.spec._sizes), self.spec._shapes):
+                params[name].grad = t.view(shape)
+            buffers = dict(self.module.named_buffers())
+            for e in self.spec._buffer_entries:
+                buffers[e.name].data = buffers[e.name].data.to(like.dtype)
+            self._flat_key = key
+        return self.module
+
     def _loop_grad(self, Xt, At, yt, wt):
+        """One forward and backward per node on the flat-backed module (BatchNorm statistics:
+        the row's buffer block is copied in, updated by the forward, copied back)."""
         L, P = Xt.shape[0], self.spec.params
         G = torch.zeros(Xt.shape, dtype=Xt.dtype, device=Xt.device)
         loss = torch.empty(L, dtype=Xt.dtype, device=Xt.device)
+        module = self._flat_module(Xt)
+        buffers = dict(module.named_buffers())
         for i in range(L):
-            p = Xt[i, :P].detach().requires_grad_(True)  # shares memory with X; the buffers stay views of X
-            li = self._node_loss(Xt[i], At[i], yt[i], wt[i], params=p)
-            (G[i, :P],) = torch.autograd.grad(li, p)
+            with torch.no_grad():
+                self._pflat.copy_(Xt[i, :P])
+                self._gflat.zero_()
+                for e in self.spec._buffer_entries:
+                    buffers[e.name].copy_(Xt[i, e.offset: e.offset + e.size].view(e.shape))
+            z = module(At[i].reshape(-1, *self.input_shape))
+            li = (wt[i] * F.cross_entropy(z, yt[i], reduction="none")).sum()
+            li.backward()
+            with torch.no_grad():
+                G[i, :P] = self._gflat
+                if self.l2:  # the penalty l2/2 ||p||^2 on the parameters, added by hand
+                    G[i, :P] += self.l2 * self._pflat
+                    li = li + 0.5 * self.l2 * (self._pflat * self._pflat).sum()
+                for e in self.spec._buffer_entries:
+                    Xt[i, e.offset: e.offset + e.size] = buffers[e.name].reshape(-1)
             loss[i] = li.detach()
         return G, loss
 

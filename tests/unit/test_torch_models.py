@@ -179,6 +179,8 @@ def test_auto_falls_back_to_the_loop_with_one_logged_line(tmp_path):
                    "from tests.unit.test_torch_models import DataDependent\n"
                    "def build(shape, classes):\n    return DataDependent(shape[0], classes)\n")
     m, log = make("torch", (6,), factory=f"{src}:build")
+    assert m.vectorize == "loop" and not log  # auto on the CPU: the loop, chosen silently
+    m.vectorize = "auto"  # what auto means on a GPU: try vmap on the first batch
     X, A, y, w = batch(m, 3, dtype=np.float32)
     _, G = m.loss_grad(X, A, y, w)
     assert m.vectorize == "loop" and len(log) == 1 and "vmap" in log[0] and "loop" in log[0]
