@@ -133,6 +133,7 @@ class TopologyName(str, enum.Enum):
     ring = "ring"
     torus = "torus"
     exponential = "exponential"
+    exponential_directed = "exponential_directed"
     one_peer_exponential = "one_peer_exponential"
     complete = "complete"
     star = "star"
@@ -211,6 +212,9 @@ class DataCfg:
     shards_per_node: int = _f(2, "label shards per node for partition: shards", gt=0)
     batch_size: int = _f(32, "minibatch per node and step (0: the node's whole data)", ge=0)
     test_fraction: float = _f(0.2, "fraction of samples held out for test", ge=0, lt=1)
+    val_fraction: float = _f(0.1, "teleport with k auto: fraction of each node's training samples carved out "
+                                  "(from data.seed) as the k search's validation split and not trained on; "
+                                  "other runs train on everything", ge=0, lt=1)
     standardize: bool = _f(False, "standardize features with train statistics")
     samples_per_node: int = _f(64, "synthetic data: samples per node", gt=0)
     dim: int = _f(10, "synthetic data: number of features", gt=0)
@@ -300,6 +304,8 @@ class OptimizerCfg:
     eps: float = _f(1e-8, "rmsprop / adam: added to the clipped diagonal", ge=0)
     bias_correction: bool = _f(True, "adam: bias-corrected moments")
     probes: int = _f(10, "rmsprop / oasis: statistics averaged at x0 for the warm start", gt=0)
+    shared_probes: bool = _f(False, "oasis with global scaling: one Rademacher probe per step shared by all "
+                                    "nodes (false: each node its own, keyed by seed, node and step)")
 
 
 @dataclass(frozen=True)
@@ -476,9 +482,14 @@ def validate(cfg: Config) -> None:
         if cfg.optimizer.momentum > 0:
             raise _bad("optimizer.momentum", cfg.optimizer.momentum, "teleport takes plain SGD steps (momentum 0)")
         if cfg.algorithm.k == 0 and topo.name not in (TopologyName.ring, TopologyName.complete,
-                                                       TopologyName.exponential, TopologyName.one_peer_exponential):
+                                                       TopologyName.exponential, TopologyName.exponential_directed,
+                                                       TopologyName.one_peer_exponential):
             raise _bad("topology.name", topo.name.value, "with algorithm.k auto the token graph must work for "
-                                                          "every k: ring, complete, exponential, one_peer_exponential")
+                                                          "every k: ring, complete, exponential, "
+                                                          "exponential_directed, one_peer_exponential")
+        if cfg.algorithm.k == 0 and cfg.data.val_fraction <= 0:
+            raise _bad("data.val_fraction", cfg.data.val_fraction, "algorithm.k auto picks k on a validation split "
+                                                                   "carved from the training data; needs > 0")
         n = cfg.algorithm.k or n  # the token graph has k vertices
     if topo.name is TopologyName.hypercube and not _is_pow2(n):
         raise _bad("topology.name", topo.name.value, f"hypercube needs a power of 2 vertices (here {n})")

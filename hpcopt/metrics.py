@@ -17,6 +17,12 @@ model for sync SGD):
 
 Sums over nodes are all-reduced, so the figures do not depend on the number of ranks,
 and nothing here changes the training state or its random streams.
+
+What is measured: the models `algo.node_params` returns and their average, unless the
+algorithm has `diagnostic_view(ctx, state, step)` returning (rows, average) for that step
+(the same choice on every rank). Local SGD uses it at a step that ended with an average:
+the rows are the nodes' models before the average, which is what the landscape figures
+are about (after it they are trivial: Xi^2 ~ 0, alpha_ratio = 1).
 """
 from __future__ import annotations
 
@@ -48,11 +54,13 @@ def diagnose(ctx, algo, state, step: int, lr: float) -> Dict[str, object]:
     """All diagnostics at the current state (a collective: every rank calls it)."""
     b, comm, model = ctx.backend, ctx.comm, ctx.model
     dcfg = ctx.cfg.diagnostics
-    X = algo.node_params(ctx, state)
+    view_fn = getattr(algo, "diagnostic_view", None)
+    view = view_fn(ctx, state, step) if view_fn else None
+    X = algo.node_params(ctx, state) if view is None else view[0]
     rows_fn = getattr(algo, "active_rows", None)
     mask = np.asarray(rows_fn(ctx, state, step), bool) if rows_fn else np.ones(X.shape[0], bool)
     rows = np.nonzero(mask)[0]
-    xbar = algo.average(ctx, state)
+    xbar = algo.average(ctx, state) if view is None else view[1]
     d = xbar.shape[0]
     batch = ctx.workspace.get("diag_batch")
     if batch is None:

@@ -21,8 +21,16 @@ Conventions where the paper leaves a choice (documented in the README):
 * Global scaling (`diagonal`): D_hat is computed from the node-averaged v at each
   synchronisation and frozen for the next round (`step_frozen`); local scaling
   (`step_local`) updates every node's own D_hat every step, with the fused kernels.
-* With global scaling the Rademacher probes are shared by all nodes (keyed by seed and
-  step), so the averaged statistic is a Hutchinson estimate of the average Hessian.
+* Weight decay is coupled and means the same in both modes: the gradient the method
+  sees is g' = g + wd * x, and g' (not g) enters the moments (rmsprop's and adam's v =
+  EMA of g'*g', adam's m = EMA of g') and the step, exactly as the fused local kernels
+  do. Global adam therefore steps x -= lr (m / (1 - b1^k)) / D_hat with the decay inside
+  m (never added again after the bias correction). oasis's statistic is the Hessian of
+  the loss, without the decay (model.l2 puts a penalty into the Hessian as well).
+* Hutchinson probes are independent per node by default (`rademacher`, keyed by (seed,
+  node, step)); with global scaling and `optimizer.shared_probes` one probe per step is
+  shared by all nodes. Independent probes average n estimates in the all-reduce (their
+  errors partly cancel) at no extra message cost.
 All functions work in place on the rank's (L, d) blocks and return the moments, so a
 checkpoint is "save the moments".
 """
@@ -121,18 +129,27 @@ def step_local(h: Hyper, kernels, x, g, mom: Moments, lr: float, count: int, wd:
     return mom
 
 
+def decayed(g, x, wd: float):
+    """g' = g + wd * x (coupled weight decay), in the arrays' precision; g itself if wd = 0."""
+    if not wd:
+        return g
+    return g + x.dtype.type(wd) * x
+
+
 def step_frozen(h: Hyper, kernels, x, g, mom: Moments, D, lr: float, count: int, wd: float = 0.0,
                 zhz=None) -> Moments:
-    """Global scaling: update the moments, step with the frozen D_hat of this round."""
+    """Global scaling: update the moments with g' = g + wd x, step with the frozen D_hat of
+    this round (the decay enters the moments and the step once, as in `step_local`)."""
     if h.name == "identity":
         kernels.sgd(x, g, lr, wd)
         return mom
+    g = decayed(g, x, wd)
     observe(h, mom, g, zhz)
     if h.name == "adam":
         bc1 = 1.0 - h.b1 ** count if h.bias_correction else 1.0
-        kernels.scaled(x, mom.m, D, lr / bc1, h.alpha, wd)
+        kernels.scaled(x, mom.m, D, lr / bc1, h.alpha, 0.0)
     else:
-        kernels.scaled(x, g, D, lr, h.alpha, wd)
+        kernels.scaled(x, g, D, lr, h.alpha, 0.0)
     return mom
 
 

@@ -9,10 +9,22 @@ Weights: Metropolis-Hastings, W_ij = 1 / (1 + max(deg_i, deg_j)) on edges and th
 on the diagonal. On a regular graph this equals the uniform weights 1 / (deg + 1), so
 `weights: uniform` is only a check that the graph is regular.
 
-The one-peer exponential graph is directed and time-varying: at step t with
-k = t mod ceil(log2 n), node i averages with node (i + 2^k) mod n,
-W_t = (I + P_k) / 2. It is doubly stochastic but not symmetric; for n a power of two the
-product of one period of matrices is exactly the averaging matrix 11^T / n.
+Two directed graphs (Ying et al. 2021, "Exponential graph is provably efficient for
+decentralized deep training"), both doubly stochastic but not symmetric:
+* `exponential_directed`, static: with tau = ceil(log2 n), node i sends to the tau nodes
+  (i + 2^j) mod n, j = 0..tau-1, and W = (I + sum_j P_j) / (tau + 1), i.e.
+  W[(i + 2^j) mod n, i] = 1 / (tau + 1): every node receives from tau in-neighbours
+  (i - 2^j) and sends to tau out-neighbours, one message each way per edge.
+  `exponential` is its undirected closure i ~ i +- 2^j (degree 2 tau - 1 at n = 16: 7
+  neighbours instead of 4 in- and 4 out-neighbours, so about twice the bytes per step),
+  with Metropolis-Hastings weights.
+* `one_peer_exponential`, time-varying: at step t with k = t mod ceil(log2 n), node i
+  averages with node (i + 2^k) mod n, W_t = (I + P_k) / 2; for n a power of two the
+  product of one period of matrices is exactly the averaging matrix 11^T / n.
+`weights` does not apply to these two (their weights are fixed; both are regular).
+`comm.mix` takes any sparse W: a rank receives the rows its nodes' rows of W name
+(in-neighbours) and sends its rows to the ranks whose rows of W name them
+(out-neighbours), so W @ X is exact for non-symmetric W as well.
 """
 from __future__ import annotations
 
@@ -26,7 +38,7 @@ import numpy as np
 from .config import ConfigError
 
 Edge = Tuple[int, int]
-NAMES = ("ring", "torus", "exponential", "one_peer_exponential", "complete", "star",
+NAMES = ("ring", "torus", "exponential", "exponential_directed", "one_peer_exponential", "complete", "star",
          "hypercube", "erdos_renyi", "edgelist")
 
 
@@ -194,6 +206,16 @@ def uniform_weights(n: int, edges: Set[Edge], name: str) -> np.ndarray:
     return W / W.sum(axis=1, keepdims=True)
 
 
+def exponential_directed_matrix(n: int) -> np.ndarray:
+    """Static directed exponential graph: node i sends to (i + 2^j) mod n for
+    j = 0..ceil(log2 n)-1, every weight (self included) 1 / (ceil(log2 n) + 1)."""
+    tau = math.ceil(math.log2(n)) if n > 1 else 0
+    W = np.eye(n)
+    for j in range(tau):  # 2^j < n, so the shifts are distinct and non-zero mod n
+        W[(np.arange(n) + (1 << j)) % n, np.arange(n)] += 1.0
+    return W / (tau + 1)
+
+
 def one_peer_matrices(n: int) -> Tuple[np.ndarray, ...]:
     if n == 1:
         return (np.ones((1, 1)),)
@@ -259,8 +281,8 @@ def build(name: str, n: int, weights: str = "metropolis", p: float = 0.3, seed: 
     """Build a topology by name (see NAMES); checks the parameters (check_params) and
     validates the result."""
     check_params(name, n, weights=weights, p=p, seed=seed, path=path, rows=rows, keys=keys)
-    if name == "one_peer_exponential":
-        mats = one_peer_matrices(n)
+    if name in ("one_peer_exponential", "exponential_directed"):
+        mats = one_peer_matrices(n) if name == "one_peer_exponential" else (exponential_directed_matrix(n),)
         for W in mats:
             check_mixing_matrix(W, symmetric=False)
         return Topology(name, n, mats, directed=True)

@@ -6,7 +6,10 @@ their own data, and push it tagged with the version they read. The server buffer
 gradients; as soon as the buffer holds K or more it applies their mean (or sum,
 `algorithm.aggregate`) as one update and releases exactly the workers whose gradients
 were used, which pull the new theta. The threshold K follows a schedule:
-  step      K = min(W, K0 + K_inc * floor(u / S)), u = gradients received (the paper's);
+  step      K = min(W, K0 + K_inc * floor(u / S)), u = gradients received (the paper's),
+            counted before the arriving one: the decision on the (u+1)-th gradient uses
+            K(u), so K first rises for gradient S + 1 (with K0 = 1, S = 3 and W = 4 the
+            updates hold 1, 1, 1, 2, 3, 4, 4, ... gradients; tested);
   linear    K = min(W, K0 + (W - K0) * time / ramp)  (rounded down);
   constant  K = K0: K = 1 is asynchronous SGD, K = W synchronous SGD, one code path.
 Defaults where the paper leaves a choice: K0 = 1, increment 1, mean, and delays
@@ -183,11 +186,12 @@ def simulate(ctx, state: State, on_grid: Callable[[Dict], None],
             break
         emit_until(t)
         now = t
+        K = threshold(alg, W, received, now)  # u = gradients received before this one
         received += 1
         stats["sent"][r] += 1
         sent_at[r] = t
         buffer.append(r)
-        if len(buffer) >= threshold(alg, W, received, now):
+        if len(buffer) >= K:
             rows = np.sort(np.asarray(buffer))
             buffer_sizes.append(len(rows))
             staleness.extend((version - read[rows]).tolist())
@@ -230,6 +234,12 @@ def serve(ctx, state: State, on_grid: Callable[[Dict], None],
     Waits poll a posted any-source receive and sleep between polls (back-off up to
     comm.poll), so a waiting server uses little CPU. A true `stop()` (a signal) ends the
     run early through the same clean shutdown as the end of the budget.
+
+    Each worker has one send buffer and at most one send request: before the buffer is
+    written again the previous send to that worker is completed (MPI forbids touching a
+    buffer whose send is pending; it has normally completed long before, since the
+    worker answered it), and the completed request is dropped, so at most W requests
+    are alive at any time.
     """
     cfg, alg, b, comm = ctx.cfg, ctx.cfg.algorithm, ctx.backend, ctx.comm
     W, d = comm.n, state.theta.shape[0]
@@ -241,7 +251,7 @@ def serve(ctx, state: State, on_grid: Callable[[Dict], None],
     read = np.zeros(W, np.int64)
     recv_buf = np.empty(d + 3, np.float32)
     send_bufs = [np.empty(d + 3, np.float32) for _ in range(W)]
-    sends: list = []
+    sends: list = [None] * W  # the pending (or completed, not yet collected) send to each worker
     version, received = 0, 0
     buffer: list = []
     staleness: list = []
@@ -250,10 +260,13 @@ def serve(ctx, state: State, on_grid: Callable[[Dict], None],
 
     def release(workers, cmd=GO):
         for w in workers:
+            if sends[w] is not None:  # complete the previous send before its buffer is reused
+                comm.wait([sends[w]], "hybrid_param", [w + 1])
+                sends[w] = None
             buf = send_bufs[w]
             buf[:d] = b.to_host(state.theta)
             buf[d], buf[d + 1], buf[d + 2] = cmd, *_pack_version(version)
-            sends.append(comm.isend(buf, w + 1, TAG_PARAM, "hybrid_param"))
+            sends[w] = comm.isend(buf, w + 1, TAG_PARAM, "hybrid_param")
             if cmd == GO:
                 in_flight.add(w)
 
@@ -297,9 +310,10 @@ def serve(ctx, state: State, on_grid: Callable[[Dict], None],
             nap = min(2 * nap, comm.poll)
             continue
         nap = 1e-5
+        K = threshold(alg, W, received, now)  # u = gradients received before this one
         buffer.append(receive(src))
         pending = comm.irecv_any(recv_buf, TAG_GRAD)
-        if len(buffer) >= threshold(alg, W, received, now):
+        if len(buffer) >= K:
             rows = np.sort(np.asarray(buffer))
             buffer_sizes.append(len(rows))
             staleness.extend((version - read[rows]).tolist())
@@ -330,7 +344,8 @@ def serve(ctx, state: State, on_grid: Callable[[Dict], None],
             pending = None
     if pending is not None:
         comm.cancel(pending)
-    comm.wait(sends, "hybrid_param")
+    last = [(r, w + 1) for w, r in enumerate(sends) if r is not None]
+    comm.wait([r for r, _ in last], "hybrid_param", [p for _, p in last])
     return {"updates": version, "received": received, "dropped": dropped, "in_flight": 0,
             "applied": len(staleness), "staleness": np.asarray(staleness), "end_time": end,
             "buffer_sizes": np.asarray(buffer_sizes), "stopped": stopped}

@@ -13,11 +13,25 @@ Steps are divided by a clipped diagonal D_hat (see hpcopt.precond):
   kept local (`keep`).
 With H = 1 and identity scaling this is synchronous SGD (tested).
 
+Weight decay is coupled, g' = g + wd x, and means the same under both scalings: g'
+enters the moments and the step (hpcopt.precond), the warm-start statistics included.
+OASIS's Hutchinson probes are independent per node (keyed by seed, node and step, so
+rank-count invariant) unless `optimizer.shared_probes` shares one per step (global
+scaling only).
+
 Statistics at synchronisation (recorded per round in run.h5, NaN between rounds):
 dhat_min / dhat_median / dhat_max, dhat_ratio (max / min, the paper's Gamma / alpha),
 dhat_clipped (fraction of coordinates at alpha), dhat_change (relative change of D_hat
 since the last round), client_drift (mean_i ||x_i - x_bar||^2 just before averaging),
-rounds, gradient_evals (cumulative, all nodes, warm-start probes included).
+rounds, gradient_evals (cumulative, all nodes, warm-start probes included, in units of
+one minibatch gradient: a Hessian-vector product counts `hvp_cost` gradients, 1 for the
+linear models' exact product, 2 for the MLP's central difference and for the torch
+models' forward-over-reverse product).
+
+Landscape diagnostics (hpcopt.metrics) at a step that averaged measure the nodes'
+models as they were before the average (`diagnostic_view`): measured after it they
+would be trivial (weight variance ~0, alpha_ratio exactly 1). Only those steps keep a
+copy of the rows, and only when diagnostics are due there.
 """
 from __future__ import annotations
 
@@ -72,8 +86,20 @@ def _hyper(ctx) -> precond.Hyper:
     return precond.from_config(ctx.cfg.optimizer)
 
 
+def hvp_cost(model) -> int:
+    """Minibatch gradients one Hessian-vector product costs: 1 for the linear models'
+    exact product, 2 for the MLP (central difference of two gradients) and the torch
+    models (forward-over-reverse, about two gradients)."""
+    return 1 if getattr(model, "kind", "") in ("quadratic", "logistic", "softmax") else 2
+
+
+def _shared_probes(ctx, glob: bool) -> bool:
+    return glob and ctx.cfg.optimizer.shared_probes
+
+
 def _probes(ctx, X, t: int, A, y, w, shared: bool, first_row: int = 0):
-    """z * (H z) per node with Rademacher z; shared z over nodes for global scaling."""
+    """z * (H z) per node with Rademacher z: one z per node keyed by (seed, node, t), or
+    (shared) one z for all nodes keyed by (seed, t)."""
     L, d = X.shape
     seed = ctx.cfg.run.seed
     if shared:
@@ -96,11 +122,14 @@ def init(ctx, x0) -> State:
     if precond.warm_started(h, glob):
         stat = b.zeros((L, d))
         probes = ctx.cfg.optimizer.probes
+        wd = ctx.cfg.optimizer.weight_decay
         for k in range(probes):
             A, y, w = ctx.data.batch(k, stream=PROBE_STREAM)
             with models.frozen(ctx.model):  # probes at x0 leave BatchNorm statistics as initialised
-                _, G = ctx.model.loss_grad(X, A, y, w)
-            zhz = _probes(ctx, X, WARM_START_STEP + k, A, y, w, glob) if h.name == "oasis" else None
+                if h.name == "oasis":  # the statistic is z * (H z) alone: no gradient needed
+                    G, zhz = None, _probes(ctx, X, WARM_START_STEP + k, A, y, w, _shared_probes(ctx, glob))
+                else:  # the gradient the method steps with: g' = g + wd x0 (coupled decay)
+                    G, zhz = precond.decayed(ctx.model.loss_grad(X, A, y, w)[1], X, wd), None
             stat += precond.statistic(h, G, zhz)
         stat /= np.float32(probes)
         if glob:
@@ -144,13 +173,36 @@ def step(ctx, state: State, t: int, lr: float):
     stats = {"loss": loss}
     r = _sync_round(ctx, t)
     if r:
+        every = cfg.diagnostics.every
+        if every and (t + 1) % every == 0:  # the diagnostics of this step measure the rows before the average
+            ctx.workspace[DIAG_KEY] = (t + 1, state.X.copy())
         state, round_stats = synchronise(ctx, state, h, glob, t)
         stats.update(round_stats)
         stats["rounds"] = r
-    extra = 2 if precond.needs_hvp(h) else 1
-    probes = cfg.optimizer.probes * extra if precond.warm_started(h, glob) else 0
-    stats["gradient_evals"] = float(ctx.comm.n * ((t + 1) * extra + probes))
+    stats["gradient_evals"] = float(ctx.comm.n * gradient_evals(ctx, h, glob, t + 1))
     return state, stats
+
+
+def gradient_evals(ctx, h: precond.Hyper, glob: bool, steps: int) -> int:
+    """Minibatch-gradient equivalents one node has spent after `steps` steps, warm start
+    included: a step is one gradient plus (oasis) one Hessian-vector product; a warm-start
+    probe is one gradient (rmsprop, adam) or one Hessian-vector product (oasis)."""
+    hvp = hvp_cost(ctx.model) if precond.needs_hvp(h) else 0
+    probe = (hvp if h.name == "oasis" else 1) if precond.warm_started(h, glob) else 0
+    return steps * (1 + hvp) + ctx.cfg.optimizer.probes * probe
+
+
+DIAG_KEY = "local_sgd_pre_average"
+
+
+def diagnostic_view(ctx, state: State, step: int):
+    """(rows, average) the diagnostics measure at `step` (the count of steps done): at a
+    step that averaged, the nodes' models just before the average and the average they
+    were replaced by; otherwise None (the current rows, as for every method)."""
+    kept = ctx.workspace.pop(DIAG_KEY, None)
+    if kept is None or kept[0] != step:
+        return None
+    return kept[1], state.X[0].copy()  # after the average every row holds the mean
 
 
 def _local_step(ctx, state: State, h: precond.Hyper, glob: bool, t: int, lr: float, lo: int, hi: int):
@@ -158,7 +210,7 @@ def _local_step(ctx, state: State, h: precond.Hyper, glob: bool, t: int, lr: flo
     X = state.X[lo:hi]
     A, y, w = ctx.data.batch(t, rows=np.arange(lo, hi)) if hi - lo < state.X.shape[0] else ctx.data.batch(t)
     loss, G = ctx.model.loss_grad(X, A, y, w)
-    zhz = _probes(ctx, X, t, A, y, w, glob, lo) if precond.needs_hvp(h) else None
+    zhz = _probes(ctx, X, t, A, y, w, _shared_probes(ctx, glob), lo) if precond.needs_hvp(h) else None
     mom = precond.Moments(state.M[lo:hi] if h.name == "adam" else state.M[lo:hi, :0], state.V[lo:hi])
     wd = cfg.optimizer.weight_decay
     if h.name == "identity":

@@ -18,9 +18,20 @@ k search (`algorithm.k: auto`): the candidates 1, 2, 4, ... <= n are packed into
 batches with at most n tokens each; a batch runs its candidates side by side for T =
 `algorithm.search_steps` iterations on disjoint node sets (each step one permutation of
 the n nodes is cut into consecutive blocks, one per candidate), every candidate from x0.
-The k whose average token has the lowest loss on the run's test split (used as the
-validation set) wins; the table goes to run.h5 (/tables/k_search) and training starts
-from x0 with that k. A resumed run reads k back from that table (`restore_workspace`).
+The k whose average token has the lowest loss on a validation split wins; the table goes
+to run.h5 (/tables/k_search, with the split's size in `validation_samples` and
+`validation_from_train` = 1) and training starts from x0 with that k. A resumed run
+reads k back from that table (`restore_workspace`).
+
+The validation split (`validation_split`, called by the runner before the nodes' data
+are built) is carved out of the training data: floor(data.val_fraction * m_v) samples of
+every node v (at least one left to train on), chosen from data.seed alone, so every rank
+and every number of ranks carves the same samples. They are removed from the nodes'
+training data for the search and for the training that follows, and the test split is
+never looked at. Only a run that searches (k auto) carves; a run with a fixed k, and
+every other method, trains on all the training data. The runner passes the split as
+`ctx.workspace["validation"]` (a `Validation`); an older runner that passes a plain
+(X_test, y_test) pair still works, and the table then says validation_from_train = 0.
 """
 from __future__ import annotations
 
@@ -40,6 +51,53 @@ TAG = 13  # stream of the active-set permutations
 
 class State(NamedTuple):
     X: object  # (L, d): a node's row holds the token sitting on it (other rows are unused)
+
+
+class Validation(NamedTuple):
+    """The k search's validation split (on the rank's device), carved from the training data."""
+    X: object  # (m, f)
+    y: object  # (m,)
+    samples: int
+    from_train: bool = True
+
+
+VAL_STREAM = 31  # data.seed stream of the validation carve
+
+
+def needs_validation(cfg) -> bool:
+    """Whether a run searches k (and so carves a validation split)."""
+    return cfg.algorithm.name.value == "teleport" and cfg.algorithm.k == 0
+
+
+def carve(parts: Sequence[np.ndarray], fraction: float, seed: int):
+    """(training parts, validation indices): floor(fraction * m_v) samples of every node's
+    part, at least one left to train on, drawn from `seed` alone (pure; sorted indices)."""
+    rng = np.random.default_rng([seed, VAL_STREAM])
+    train, val = [], []
+    for p in parts:
+        p = np.asarray(p, np.int64)
+        m = min(int(fraction * len(p)), len(p) - 1)
+        pick = np.zeros(len(p), bool)
+        pick[rng.permutation(len(p))[:m]] = True
+        train.append(p[~pick])
+        val.append(p[pick])
+    return train, np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+
+
+def validation_split(cfg, ds, parts, xp=np):
+    """(parts to train on, Validation or None): the runner's hook, called before NodeData.
+
+    With k auto the validation samples are carved out of the training parts (see
+    `carve`); otherwise the parts are returned unchanged and there is no split."""
+    from ..config import ConfigError
+    if not needs_validation(cfg):
+        return parts, None
+    train, idx = carve(parts, cfg.data.val_fraction, cfg.data.seed)
+    if not len(idx):
+        raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction} is not allowed: it carves no validation "
+                          f"sample from nodes of {min(len(p) for p in parts)}..{max(len(p) for p in parts)} "
+                          f"training samples; raise it")
+    return train, Validation(xp.asarray(ds.X_train[idx]), xp.asarray(ds.y_train[idx]), int(len(idx)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,22 +204,27 @@ def k_search(ctx, x0) -> int:
     """Run the candidates in two batches of T steps; returns the chosen k (table in workspace)."""
     b = ctx.backend
     T = ctx.cfg.algorithm.search_steps
-    table = {"k": [], "batch": [], "validation_loss": [], "validation_accuracy": []}
+    table = {"k": [], "batch": [], "validation_loss": [], "validation_accuracy": [], "validation_samples": [],
+             "validation_from_train": []}
+    val = ctx.workspace["validation"]
+    if not isinstance(val, Validation):  # an older runner's (X, y) pair: the test split
+        val = Validation(val[0], val[1], int(len(val[1])), False)
     for bi, sizes in enumerate(search_batches(ctx.comm.n)):
         groups = _Groups(ctx, sizes)
         X = b.xp.tile(b.asarray(x0)[None, :], (ctx.comm.local_n, 1))
         for t in range(T):
             X, _, _ = _advance(ctx, X, groups, t, optim.lr_at(ctx.cfg.optimizer, t, T))
         means = _group_means(ctx, X, groups, groups.nodes(ctx, T))
-        X_test, y_test = ctx.workspace["validation"]
-        w = b.xp.full((len(sizes), len(y_test)), 1.0 / len(y_test), dtype=np.float32)
-        vl = b.to_host(ctx.model.loss(means, X_test, y_test, w))
-        va = b.to_host(ctx.model.accuracy(means, X_test, y_test))
+        w = b.xp.full((len(sizes), val.samples), 1.0 / val.samples, dtype=np.float32)
+        vl = b.to_host(ctx.model.loss(means, val.X, val.y, w))
+        va = b.to_host(ctx.model.accuracy(means, val.X, val.y))
         for g, k in enumerate(sizes):
             table["k"].append(k)
             table["batch"].append(bi)
             table["validation_loss"].append(float(vl[g]))
             table["validation_accuracy"].append(float(va[g]))
+            table["validation_samples"].append(val.samples)
+            table["validation_from_train"].append(int(val.from_train))
     ctx.workspace.setdefault("tables", {})["k_search"] = {k: np.asarray(v) for k, v in table.items()}
     return best_k(table)
 

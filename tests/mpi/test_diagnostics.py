@@ -77,3 +77,27 @@ def test_matched_noise_baseline_follows_a_dpsgd_run(tmp_path):
     bad = run_hpcopt_mpi(2, ["run", QUICK, "--out", tmp_path / "bad", *base, "--set", "algorithm.noise=matched",
                              "--set", f"algorithm.noise_run={tmp_path / 'plain'}"])
     assert bad.returncode == 2 and "has no diagnostics" in bad.stderr
+
+
+def test_local_sgd_diagnostics_measure_the_models_before_the_average(tmp_path):
+    """diagnostics.every a multiple of H: the figures are of the nodes' models just before
+    they are averaged (Xi^2 = that round's client drift), not of the identical averaged ones."""
+    args = ["--set", "run.steps=20", "--set", "run.eval_every=0", "--set", "algorithm.name=local_sgd",
+            "--set", "algorithm.local_steps=5", "--set", "diagnostics.every=5", "--set", "diagnostics.power_iters=5"]
+    runs = []
+    for ranks in (1, 2):
+        check(run_hpcopt_mpi(ranks, ["run", QUICK, "--out", tmp_path / f"r{ranks}", *args]))
+        runs.append(store.read_run(str(tmp_path / f"r{ranks}")))
+    diag, m = runs[1]["diag"], runs[1]["metrics"]
+    assert diag["step"].tolist() == [5, 10, 15, 20]
+    drift = m["client_drift"][diag["step"] - 1]
+    assert np.all(drift > 1e-4)
+    assert np.allclose(diag["weight_variance"], drift, rtol=1e-4)
+    assert np.allclose(diag["node_weight_dev"].mean(axis=1), drift, rtol=1e-4)
+    assert np.all(np.abs(diag["alpha_ratio"] - 1) > 1e-4) and np.all(diag["smoothing_gap"] != 0)
+    for k in ("weight_variance", "alpha_ratio", "mean_loss", "loss_at_mean", "lambda_max"):
+        assert np.allclose(runs[0]["diag"][k], diag[k], rtol=1e-4, atol=1e-7), k
+    check(run_hpcopt_mpi(2, ["run", QUICK, "--out", tmp_path / "off", *args, "--set", "diagnostics.every=0"]))
+    a = store.read_state(str(tmp_path / "r2"), store.latest(str(tmp_path / "r2"))[0], 0, 16, ["X"], [])["X"]
+    b = store.read_state(str(tmp_path / "off"), store.latest(str(tmp_path / "off"))[0], 0, 16, ["X"], [])["X"]
+    assert np.array_equal(a, b)  # measuring changes nothing

@@ -81,6 +81,36 @@ def test_k_auto_searches_and_records_the_table(tmp_path):
     assert "k_search" in proc.stdout
 
 
+def test_k_search_selects_on_a_validation_split_carved_from_the_training_data(tmp_path):
+    """The k search's split is floor(val_fraction * m_v) samples of every node's training
+    data (never the test split), recorded in the table, and the nodes train without them."""
+    from hpcopt.algorithms import teleport
+    sets = ["data.batch_size=0", "data.val_fraction=0.2"]
+    check(run_hpcopt_mpi(2, ["run", QUICK, "--out", tmp_path / "a", *TP, "--set", "algorithm.k=auto",
+                             "--set", "algorithm.search_steps=5", "--set", "run.steps=2",
+                             *[a for kv in sets for a in ("--set", kv)]]))
+    run = store.read_run(str(tmp_path / "a"))
+    table = run["tables"]["k_search"]
+    cfg = config.load(QUICK, ["algorithm.name=teleport", "algorithm.k=auto", *sets])
+    ds = data.load(cfg.data, 16)
+    parts = data.partition(ds, 16, "dirichlet", cfg.data.alpha, seed=cfg.data.seed)
+    train, val = teleport.validation_split(cfg, ds, parts)
+    assert val.samples == sum(int(0.2 * len(p)) for p in parts) != len(ds.y_test)
+    assert (table["validation_samples"] == val.samples).all() and (table["validation_from_train"] == 1).all()
+    # full-batch losses at step 0 are the losses of x0 on what each active node kept
+    model = models.build(cfg.model, ds)
+    x0 = model.init(cfg.run.seed)[None, :].astype(np.float32)
+    loss0 = run["metrics"]["train_loss"][0]
+    active = np.nonzero(np.isfinite(loss0))[0]
+    assert len(active)
+    for v in active:
+        kept, full = ds.X_train[train[v]], ds.X_train[parts[v]]
+        ref = model.loss(x0, kept[None], ds.y_train[train[v]][None], np.full((1, len(kept)), 1 / len(kept)))[0]
+        allv = model.loss(x0, full[None], ds.y_train[parts[v]][None], np.full((1, len(full)), 1 / len(full)))[0]
+        assert loss0[v] == pytest.approx(float(ref), rel=1e-5)
+        assert len(train[v]) < len(parts[v]) or ref == allv
+
+
 
 def test_resumed_k_search_run_takes_k_from_the_run_file(tmp_path):
     args = [*TP, "--set", "algorithm.k=auto", "--set", "algorithm.search_steps=20"]

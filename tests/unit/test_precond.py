@@ -96,3 +96,64 @@ def test_rademacher_is_plus_minus_one_and_keyed():
     a = precond.rademacher(1, [0, 1, 2], 9, 1000)
     assert set(np.unique(a)) == {-1.0, 1.0} and abs(a.mean()) < 0.1
     assert np.array_equal(a[1:], precond.rademacher(1, [1, 2], 9, 1000))
+
+
+def _decay_reference(name, mode, x, wd, lr, b1, b2, alpha, eps, D0, v0, steps=3):
+    """Hand formulas of coupled weight decay: g' = g + wd x enters the moments and the
+    step once, under global (D_hat frozen at D0) and local scaling alike."""
+    x = x.astype(float).copy()
+    m, v = np.zeros_like(x), v0.astype(float).copy()
+    for k in range(steps):
+        gp = grads(k)[0].astype(float) + wd * x
+        if name == "oasis":
+            v = b2 * v + (1 - b2) * 2.0  # z*(Hz) = 2: the statistic has no decay in it
+            D = D0 if mode == "global" else np.maximum(alpha, np.abs(v))
+            x = x - lr * gp / D
+            continue
+        v = b2 * v + (1 - b2) * gp ** 2
+        if name == "rmsprop":
+            D = D0 if mode == "global" else np.maximum(alpha, np.sqrt(v)) + eps
+            x = x - lr * gp / D
+        else:  # adam
+            m = b1 * m + (1 - b1) * gp
+            D = D0 if mode == "global" else np.maximum(alpha, np.sqrt(v / (1 - b2 ** (k + 1)))) + eps
+            x = x - lr * (m / (1 - b1 ** (k + 1))) / D
+    return x, m, v
+
+
+@pytest.mark.parametrize("kern", KERNELS, ids=lambda k: k.impl)
+@pytest.mark.parametrize("name", ["adam", "rmsprop", "oasis"])
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_weight_decay_is_coupled_the_same_way_under_both_scalings(kern, name, mode):
+    wd, lr, b1, b2, alpha, eps = 0.3, 0.05, 0.9, 0.8, 0.05, 1e-8
+    h = precond.Hyper(name, b1=b1, b2=b2, alpha=alpha, eps=eps)
+    x0 = np.array([[1.0, -2.0, 0.5, 3.0]], np.float32)
+    x = x0.copy()
+    mom = precond.init(h, backend.cpu(), 1, 4)
+    v0 = np.zeros(4)
+    if name != "adam" or mode == "global":
+        v0 = np.array([0.5, 0.1, 2.0, 0.3])
+        mom = precond.warm_start(h, mom, v0[None].astype(np.float32), mode == "global")
+    D = precond.diagonal(h, mom.v, 0)
+    zhz = np.full((1, 4), 2.0, np.float32) if name == "oasis" else None
+    for k in range(3):
+        g = grads(k)
+        if mode == "global":
+            precond.step_frozen(h, kern, x, g, mom, D, lr, k + 1, wd, zhz=zhz)
+        else:
+            precond.step_local(h, kern, x, g, mom, lr, k + 1, wd, zhz=zhz)
+    xr, m, v = _decay_reference(name, mode, x0[0], wd, lr, b1, b2, alpha, eps, D[0].astype(float), v0)
+    assert np.allclose(x[0], xr, rtol=1e-5, atol=1e-6)
+    assert np.allclose(mom.v[0], v, rtol=1e-5)
+    if name == "adam":
+        assert np.allclose(mom.m[0], m, rtol=1e-5, atol=1e-7)
+
+
+def test_global_adam_decay_at_the_first_step_is_the_documented_decay():
+    """Step 1, zero gradient: the decay moves x by lr * wd * x / D (not 1/(1-b1) times that)."""
+    h = precond.Hyper("adam", b1=0.9, b2=0.999, alpha=0.0, eps=0.0)
+    x = np.full((1, 3), 2.0, np.float32)
+    mom = precond.warm_start(h, precond.init(h, backend.cpu(), 1, 3), np.ones((1, 3), np.float32), True)
+    D = precond.diagonal(h, mom.v, 0)  # = 1
+    precond.step_frozen(h, kernels.Kernels(mode="numpy"), x, np.zeros((1, 3), np.float32), mom, D, 0.1, 1, 0.01)
+    assert np.allclose(x, 2.0 - 0.1 * 0.01 * 2.0, rtol=0, atol=1e-7)

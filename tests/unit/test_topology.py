@@ -84,3 +84,46 @@ def test_check_rejects_bad_matrices():
         topology.check_mixing_matrix(np.array([[0.6, 0.4], [0.3, 0.7]]))
     with pytest.raises(ValueError):
         topology.check_mixing_matrix(np.array([[1.5, -0.5], [-0.5, 1.5]]))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 16, 17])
+def test_directed_exponential_graph_is_the_papers(n):
+    """Node i sends to (i + 2^j) mod n, j < ceil(log2 n), all weights 1/(ceil(log2 n) + 1):
+    doubly stochastic, not symmetric (n > 3; n = 3 is the complete graph), tau in- and tau
+    out-neighbours per node."""
+    tau = math.ceil(math.log2(n)) if n > 1 else 0
+    topo = topology.build("exponential_directed", n)
+    W = topo.mixing_matrix(0)
+    assert topo.static and topo.directed
+    ref = np.zeros((n, n))
+    for i in range(n):
+        ref[i, i] += 1.0
+        for j in range(tau):
+            ref[(i + 2 ** j) % n, i] += 1.0  # row = receiver, column = sender
+    assert np.array_equal(W, ref / (tau + 1))
+    topology.check_mixing_matrix(W, symmetric=False)
+    off = (W > 0) & ~np.eye(n, dtype=bool)
+    assert (off.sum(axis=1) == tau).all() and (off.sum(axis=0) == tau).all()  # in- and out-degree
+    if n > 3:
+        assert not np.array_equal(W, W.T)
+        with pytest.raises(ValueError, match="not symmetric"):
+            topology.check_mixing_matrix(W, symmetric=True)
+
+
+def test_directed_exponential_sends_about_half_of_the_undirected_one():
+    d = topology.summary(topology.build("exponential_directed", 16))
+    u = topology.summary(topology.build("exponential", 16))
+    assert (d["degree_min"], d["degree_max"], u["degree_min"]) == (4, 4, 7)
+    assert d["edges_per_step"] == 64 and u["edges_per_step"] == 112  # messages per step
+    assert d["spectral_gap"] > 0.3  # ||W - 11^T/n||_2 = 0.6 at n = 16
+
+
+def test_validation_accepts_doubly_stochastic_non_symmetric_matrices_only():
+    P = np.roll(np.eye(4), 1, axis=1)
+    topology.check_mixing_matrix(0.5 * np.eye(4) + 0.5 * P, symmetric=False)
+    with pytest.raises(ValueError, match="columns"):
+        bad = np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.5, 0.0, 0.5]])
+        topology.check_mixing_matrix(bad, symmetric=False)
+    cfg = __import__("hpcopt.config", fromlist=["from_dict"]).from_dict(
+        {"algorithm": {"name": "dsgd"}, "topology": {"name": "exponential_directed"}})
+    assert topology.from_config(cfg.topology, 16).directed
