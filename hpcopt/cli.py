@@ -162,6 +162,7 @@ def cmd_config(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .config import TopologyName  # config imports no NumPy (the thread limits come first)
     p = _Parser(prog="hpcopt", description="Distributed and decentralized SGD over MPI.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a config (under mpiexec / srun for several ranks)")
@@ -200,8 +201,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="FILE.safetensors")
     e.set_defaults(func=cmd_export)
     t = sub.add_parser("topology", help="degree, spectral gap and weights of a graph")
-    t.add_argument("name", choices=["ring", "torus", "exponential", "one_peer_exponential", "complete", "star",
-                                    "hypercube", "erdos_renyi", "edgelist"])
+    t.add_argument("name", choices=[m.value for m in TopologyName])
     t.add_argument("--n", type=int, required=True, help="number of nodes")
     t.add_argument("--weights", choices=["metropolis", "uniform"], default="metropolis")
     t.add_argument("--p", type=float, default=0.3, help="erdos_renyi edge probability")
