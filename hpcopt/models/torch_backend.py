@@ -288,9 +288,9 @@ class TorchModel:
                 params[name].data = t.view(shape)
             for name, t, shape in zip(self.spec._names, torch.split(self._gflat, self.spec._sizes), self.spec._shapes):
                 params[name].grad = t.view(shape)
-            buffers = dict(self.module.named_buffers())
+            self._buffers = dict(self.module.named_buffers())
             for e in self.spec._buffer_entries:
-                buffers[e.name].data = buffers[e.name].data.to(like.dtype)
+                self._buffers[e.name].data = self._buffers[e.name].data.to(like.dtype)
             self._flat_key = key
         return self.module
 
@@ -301,7 +301,7 @@ class TorchModel:
         G = torch.zeros(Xt.shape, dtype=Xt.dtype, device=Xt.device)
         loss = torch.empty(L, dtype=Xt.dtype, device=Xt.device)
         module = self._flat_module(Xt)
-        buffers = dict(module.named_buffers())
+        buffers = self._buffers
         for i in range(L):
             with torch.no_grad():
                 self._pflat.copy_(Xt[i, :P])
