@@ -1,11 +1,13 @@
 """Build a run from a config and drive it: the loop, evaluation, logging, checkpoints, signals.
 
 Exit statuses (also in the README): 0 finished; 2 bad config or input; 75 stopped early
-by SIGTERM / SIGUSR1 / run.max_wall after writing a checkpoint ("requeue me"); 1 other
-failures. Only rank 0 prints and writes run.h5; every rank writes its checkpoint shard.
+by SIGTERM / SIGUSR1 / SIGINT / run.max_wall after writing a checkpoint ("requeue me"); 130
+a second SIGINT (the job is aborted at once); 1 other failures. Only rank 0 prints and
+writes run.h5; every rank writes its checkpoint shard.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -13,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, Optional
 
@@ -30,6 +33,8 @@ from .config import Config, ConfigError
 from .kernels import Kernels
 
 EXIT_REQUEUE = 75
+REFERENCE_STEPS = 10  # run.divergence_factor: the reference is the mean loss of the first steps
+REFERENCE = "divergence_reference"  # its (sum, count) in checkpoints (a replicated array)
 
 
 class Faults:
@@ -42,8 +47,10 @@ class Faults:
       kill-complete  SIGKILL rank 0 after every shard of `step` is written, before COMPLETE;
       sleep          stop answering: sleep `seconds` at the start of `step`;
       term           send this rank SIGTERM at the start of `step` (the hybrid method's
-                     simulated clock: after update `step`), as a scheduler would.
-    Unset (the normal case), nothing happens.
+                     simulated clock: after update `step`), as a scheduler would;
+      int            send this rank SIGINT there (what Ctrl-C sends).
+    `step` -1 is in setup, once MPI is up (before the data set is built). Unset (the
+    normal case), nothing happens.
     """
 
     def __init__(self, spec: str = ""):
@@ -57,9 +64,9 @@ class Faults:
             except (ValueError, IndexError):
                 raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: "
                                   "expected KIND@STEP:RANK[:SECONDS]") from None
-            if kind not in ("kill", "kill-shard", "kill-complete", "sleep", "term"):
+            if kind not in ("kill", "kill-shard", "kill-complete", "sleep", "term", "int"):
                 raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: kinds are kill, kill-shard, "
-                                  f"kill-complete, sleep, term")
+                                  f"kill-complete, sleep, term, int")
             if not (math.isfinite(self.seconds) and self.seconds >= 0):
                 raise ConfigError(f"HPCOPT_FAULT = {spec!r} is not allowed: SECONDS must be a finite number >= 0")
 
@@ -73,6 +80,8 @@ class Faults:
             time.sleep(self.seconds)
         if self._hit("term", step, rank):
             os.kill(os.getpid(), signal.SIGTERM)
+        if self._hit("int", step, rank):
+            os.kill(os.getpid(), signal.SIGINT)
 
     def in_shard(self, step: int, rank: int) -> None:
         if self._hit("kill-shard", step, rank):
@@ -84,17 +93,48 @@ class Faults:
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; read at step boundaries (handlers do nothing else)."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT; read at step boundaries, where all ranks agree to
+    checkpoint and stop. A SIGINT after a stop request (Ctrl-C twice) aborts the whole job
+    at once: MPI_Abort(130), or KeyboardInterrupt where MPI is not started or has one rank.
+    A thread also counts the signals (through the wakeup fd), so the second SIGINT aborts
+    even while the main thread is inside a blocking MPI call, where no Python handler runs.
+    Installed before setup, so no signal in setup leaves a rank gone and its peers waiting.
+    """
 
     def __init__(self):
         self.signal: Optional[int] = None
+        self.speak = True  # whether this rank says so on stderr (rank 0, once it is known)
+        self._aborting = threading.Lock()
 
     def __call__(self, signum, frame):  # noqa: ARG002 -- signal handler signature
+        if signum == signal.SIGINT and self.signal is not None:
+            self.abort()
+            raise KeyboardInterrupt  # no MPI, or one rank
+        if signum == signal.SIGINT and self.speak:
+            os.write(2, b"hpcopt: interrupt: stopping at the next step boundary with a checkpoint "
+                        b"(interrupt again to abort at once)\n")  # not print: a handler may interrupt one
         self.signal = signum
 
+    def abort(self) -> None:
+        if self._aborting.acquire(blocking=False):  # once, from the handler or the thread
+            os.write(2, b"hpcopt: interrupted again: aborting the job\n")
+            comm_mod.abort_if_started(130)
+
+    def _watch(self, fd: int) -> None:
+        stop_requested = False
+        while True:
+            for signum in os.read(fd, 64):
+                if signum == signal.SIGINT and stop_requested:
+                    self.abort()
+                stop_requested = True
+
     def install(self) -> None:
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(s, self)
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end)
+        threading.Thread(target=self._watch, args=(read_end,), name="hpcopt-signals", daemon=True).start()
 
 
 def _git_describe() -> str:
@@ -120,6 +160,203 @@ def _fmt_time(s: float) -> str:
         return "?"
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _fmt_bytes(b: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+    i = 0
+    while b >= 1024 and i < len(units) - 1:
+        b, i = b / 1024, i + 1
+    return f"{b:.0f} B" if i == 0 else f"{b:.1f} {units[i]}"
+
+
+# ---------------------------------------------------------------------------------------
+# memory estimate (before the big allocations)
+
+
+def _model_dim(cfg: Config, features: int, classes: int) -> Optional[int]:
+    """Parameters per node of the NumPy models and torch_mlp from the data's shape, without
+    allocating; None for the other torch models (known once their module is built)."""
+    name = cfg.model.name.value
+    if name == "auto":
+        name = "quadratic" if classes == 0 else ("logistic" if classes == 2 else "softmax")
+    if name in ("mlp", "torch_mlp"):
+        return models.MLP(features, cfg.model.hidden, classes).d
+    if name in models.NUMPY_MODELS:
+        return models.LinearModel(name, features, classes).d
+    return None
+
+
+def data_shape(cfg: Config, ds=None) -> Optional[tuple]:
+    """(train rows, test rows, features, classes) of the data set `ds`, or, before data.load
+    makes it, of a generated one from the config alone; None for files not read yet."""
+    if ds is not None:
+        return len(ds.X_train), len(ds.X_test), ds.features, ds.classes
+    d, n = cfg.data, cfg.nodes.n
+    if d.dataset.value == "quadratic":
+        test = max(1, int(round(d.samples_per_node * d.test_fraction / max(1e-9, 1 - d.test_fraction))))
+        return n * d.samples_per_node, n * test, d.dim, 0
+    if d.dataset.value == "classification":
+        total = int(math.ceil(n * d.samples_per_node / (1 - d.test_fraction)))
+        return total - int(total * d.test_fraction), int(total * d.test_fraction), d.dim, d.classes
+    return None
+
+
+def memory_terms(cfg: Config, nodes: int, arrays: int, shape: Optional[tuple], d: Optional[int]) -> list:
+    """The big per-rank allocations as (what, bytes, factors), factors being (config key,
+    size) pairs; terms whose sizes are not known yet (None) are left out. `nodes`: the
+    nodes this rank computes; `arrays`: (nodes, d) float32 arrays per node (state and
+    gradient); `shape`: data_shape. Every rank holds the whole data set; the NumPy models
+    evaluate every node on the whole test set at once (torch models in model.eval_batch
+    chunks); dsgd builds dense (n, n) float64 mixing matrices, one per phase."""
+    n, B, name = cfg.nodes.n, cfg.data.batch_size, cfg.model.name.value
+    synthetic = cfg.data.dataset.value in ("quadratic", "classification")
+    fkey = "data.dim" if synthetic else ("data.path" if cfg.data.path else "data.dataset")
+    rkey = "data.samples_per_node" if synthetic else fkey
+    dkey = "model.hidden" if name in ("mlp", "torch_mlp") else ("model.name" if name in config_mod.TORCH_MODELS
+                                                                else fkey)
+    terms = []
+    if d is not None:
+        terms.append(("state", 4.0 * nodes * d * arrays, [("nodes.n", nodes), (dkey, d)]))
+    if shape is not None:
+        train, test, features, classes = shape
+        terms.append(("data", 4.0 * (train + test) * features,
+                      [("nodes.n", n), (rkey, (train + test) / n), (fkey, features)]))
+        terms.append(("minibatch", 4.0 * nodes * (B or math.ceil(train / n)) * features,
+                      [("nodes.n", nodes), ("data.batch_size", B), (fkey, features)]))
+        if name not in config_mod.TORCH_MODELS:
+            width = max((*cfg.model.hidden, classes, 1)) if name == "mlp" else max(classes, 1)
+            terms.append(("evaluation", 4.0 * nodes * test * width,
+                          [("nodes.n", nodes), (rkey, test / n), (dkey, width)]))
+    if cfg.algorithm.name.value == "dsgd":
+        phases = max(1, math.ceil(math.log2(n))) if cfg.topology.name.value == "one_peer_exponential" else 1
+        terms.append(("topology", 8.0 * n * n * phases, [("nodes.n", n)]))
+    return terms
+
+
+def _cgroup_headroom() -> Optional[float]:
+    """Bytes this process's memory cgroup (v2 or v1) may still take; None without a limit."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as fh:
+            lines = [line.strip().split(":", 2) for line in fh if line.count(":") >= 2]
+    except OSError:
+        return None
+    for _, controllers, path in lines:
+        if controllers == "":
+            files = (f"/sys/fs/cgroup{path}/memory.max", f"/sys/fs/cgroup{path}/memory.current")
+        elif "memory" in controllers.split(","):
+            files = (f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes",
+                     f"/sys/fs/cgroup/memory{path}/memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            limit, used = (open(f, encoding="utf-8").read().strip() for f in files)
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" / v1's huge number: no limit
+            return max(0.0, float(int(limit) - int(used)))
+    return None
+
+
+def available_memory(local_size: int) -> tuple:
+    """(bytes, where from) one rank may allocate: the host's MemAvailable, or its memory
+    cgroup's headroom where smaller, shared by the host's ranks; or this process's
+    address-space limit (ulimit -v) where smaller still; (inf, "") where none is known."""
+    found = []
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
+        found.append((kib * 1024.0 / local_size, f"MemAvailable / {local_size} rank(s) on the host"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    headroom = _cgroup_headroom()
+    if headroom is not None:
+        found.append((headroom / local_size, f"the memory cgroup's headroom / {local_size} rank(s)"))
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm", encoding="utf-8") as fh:
+                mapped = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            mapped = 0
+        found.append((max(0.0, float(soft - mapped)), "the address-space limit, ulimit -v"))
+    return min(found, default=(math.inf, ""))
+
+
+# ---------------------------------------------------------------------------------------
+# resume: what may differ from the config a run was started with
+
+RESUMABLE = ("run.steps", "run.max_wall", "run.stop_after", "run.eval_every", "run.log_every",
+             "run.checkpoint_every", "run.keep_checkpoints", "run.progress", "run.name", "run.out", "comm.*",
+             "device.kernels", "device.cuda_aware", "model.threads", "model.eval_batch")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old_text: str, cfg: Config) -> tuple:
+    """([(key, old, new), ...], problem): the keys of `cfg` that differ from the config a
+    run was started with (its run.h5 /config text), and a one-line error naming the first
+    change a resume may not make ("" if all are allowed: RESUMABLE and the rank count)."""
+    try:
+        old = _flat(config_mod.to_dict(config_mod.from_dict(yaml.safe_load(old_text))))
+    except (ConfigError, yaml.YAMLError) as exc:
+        return [], (f"--resume is not allowed: the config recorded in run.h5 does not load today ({exc}); "
+                    f"use --force to start over")
+    new = _flat(config_mod.to_dict(cfg))
+    changes = [(k, old.get(k), v) for k, v in new.items() if old.get(k) != v]
+    for key, was, now in changes:
+        if not any(key == a or (a.endswith("*") and key.startswith(a[:-1])) for a in RESUMABLE):
+            return changes, (f"{key} = {config_mod._show(now)} is not allowed on resume: the run was started with "
+                             f"{config_mod._show(was)}; only {', '.join(RESUMABLE)} and the number of ranks may "
+                             f"change (or use --force to start over)")
+    return changes, ""
+
+
+# ---------------------------------------------------------------------------------------
+# --force: delete only what hpcopt wrote
+
+RUN_FILES = ("", ".bak", ".lock", ".tmp", ".bak.tmp")  # run.h5 and the files beside it
+
+
+def _is_run_file(path: str) -> bool:
+    import h5py
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return isinstance(f.get("config"), h5py.Dataset) and isinstance(f.get("metrics"), h5py.Group)
+    except OSError:
+        return False
+
+
+def clear_run(run_dir: str) -> str:
+    """Delete the run in `run_dir` for --force: run.h5 and the files beside it, ckpt/step-<N>/
+    and ckpt/ if that leaves it empty, and only where run.h5 (or its backup) is an hpcopt
+    run file. Returns "" or, deleting nothing, the one-line reason it refuses."""
+    path = os.path.join(run_dir, store.RUN_FILE)
+    ours = [path + suffix for suffix in RUN_FILES if os.path.lexists(path + suffix)]
+    ckpt = store.ckpt_root(run_dir)
+    if not ours and not os.path.lexists(ckpt):
+        return ""  # no run here: nothing to delete
+    if not (_is_run_file(path) or _is_run_file(path + ".bak")):
+        what = (f"its {store.RUN_FILE} is not an hpcopt run file" if os.path.lexists(path)
+                else f"it holds {store.CKPT_DIR}/ but no {store.RUN_FILE}")
+        return (f"--force is not allowed for {run_dir}: {what}, and hpcopt deletes only runs it wrote; nothing "
+                f"was deleted (remove those files yourself or choose another run directory)")
+    for step in store.list_steps(run_dir):
+        shutil.rmtree(store.step_dir(run_dir, step))
+    with contextlib.suppress(OSError):
+        os.rmdir(ckpt)  # anything else in there was not written by hpcopt: it stays
+    for p in ours:
+        os.remove(p)
+    return ""
 
 
 class Runner:
@@ -153,6 +390,12 @@ class Runner:
         self.comm = comm = Comm(n, timeout=cfg.comm.timeout, poll=cfg.comm.poll, spin=cfg.comm.spin,
                                 cuda_aware=cfg.device.cuda_aware.value, server=wall_server,
                                 blocking_bytes=cfg.comm.blocking_bytes)
+        self.stop.speak = comm.rank == 0
+        self.faults.at_step(-1, comm.rank)
+        # memory: refuse what cannot fit before it is allocated (the topology and generated
+        # data from the config alone, then the model once the data's shape is known)
+        shape = data_shape(cfg)
+        self.check_memory(shape, None if shape is None else _model_dim(cfg, shape[2], shape[3]))
         self.backend = select_backend(cfg.device.kind.value, comm.local_rank)
         self.kernels = Kernels(on_gpu=self.backend.on_gpu, mode=cfg.device.kernels.value,
                                threads=_threads_per_rank(comm.local_size))
@@ -162,11 +405,20 @@ class Runner:
         else:
             self.topology = None
         self.dataset = ds = data_mod.load(cfg.data, n)
+        shape, d = data_shape(cfg, ds), _model_dim(cfg, ds.features, ds.classes)
+        if d is not None:  # before building: a torch_mlp allocates its layers
+            self.check_memory(shape, d)
         self.parts = data_mod.partition(ds, n, cfg.data.partition.value, cfg.data.alpha,
                                         cfg.data.shards_per_node, cfg.data.seed)
+        self.algo = algorithms.get(cfg.algorithm.name.value)
+        validation = None  # Teleportation's k search: a split carved out of the nodes' training parts
+        if hasattr(self.algo, "validation_split"):
+            self.parts, validation = self.algo.validation_split(cfg, ds, self.parts, self.backend.xp)
         threads = cfg.model.threads or _threads_per_rank(comm.local_size)
         self.model = models.build(cfg.model, ds, backend=self.backend, threads=threads,
                                   log=lambda text: self.say(f"hpcopt: {text}"))
+        if d is None:  # the other torch models: a fixed architecture, cheap to build
+            self.check_memory(shape, self.model.d)
         self.node_data = (data_mod.NodeData(self.backend.xp, ds, self.parts, range(comm.lo, comm.hi),
                                             cfg.data.batch_size, cfg.run.seed, augment=cfg.data.augment,
                                             shape=ds.shape) if comm.local_n else None)
@@ -174,15 +426,36 @@ class Runner:
         self.X_test = xp.asarray(ds.X_test)
         self.y_test = xp.asarray(ds.y_test)
         self.w_test = xp.full((1, len(ds.X_test)), 1.0 / max(1, len(ds.X_test)), dtype=np.float32)
-        self.algo = algorithms.get(cfg.algorithm.name.value)
         self.ctx = algorithms.Context(cfg, comm, self.backend, self.kernels, self.model, self.node_data,
-                                      self.topology, {"validation": (self.X_test, self.y_test)})
+                                      self.topology, {} if validation is None else {"validation": validation})
         if cfg.algorithm.name.value == "hybrid" and not wall_server:  # every rank simulates every worker
             self.ctx.workspace["all_nodes"] = data_mod.NodeData(self.backend.xp, ds, self.parts, range(n),
                                                                 cfg.data.batch_size, cfg.run.seed,
                                                                 augment=cfg.data.augment, shape=ds.shape)
         if cfg.algorithm.noise.value == "matched":
             self.ctx.workspace["noise_schedule"] = self.noise_schedule(cfg.algorithm.noise_run)
+
+    def check_memory(self, shape: Optional[tuple], d: Optional[int]) -> None:
+        """Raise ConfigError on every rank if any rank's estimate (memory_terms) exceeds the
+        memory available to it; keeps the estimate for the header line."""
+        cfg, c = self.cfg, self.comm
+        name = cfg.algorithm.name.value
+        nodes = cfg.nodes.n if name == "hybrid" and cfg.algorithm.clock.value == "simulated" else c.local_n
+        terms = memory_terms(cfg, nodes, len(algorithms.get(name).State._fields) + 1, shape, d)
+        self.memory_need = need = sum(b for _, b, _ in terms)
+        have, source = available_memory(c.local_size)
+        problem = ""
+        if need > have:
+            _, _, factors = max(terms, key=lambda t: t[1])
+            key = max(factors, key=lambda f: f[1])[0]
+            section, field = key.split(".")
+            value = config_mod.to_dict(getattr(getattr(cfg, section), field))
+            problem = (f"{key} = {config_mod._show(value)} is not allowed: this run needs about {_fmt_bytes(need)} "
+                       f"per rank ({', '.join(f'{what} {_fmt_bytes(b)}' for what, b, _ in terms)}) and rank "
+                       f"{c.rank} has {_fmt_bytes(have)} available ({source})")
+        problem = next((p for p in c.bcast(c.gather_obj(problem)) if p), "")
+        if problem:
+            raise ConfigError(problem)
 
     def noise_schedule(self, path: str):
         """(steps, grad_deviation) of the DPSGD run a matched-noise baseline follows."""
@@ -219,14 +492,20 @@ class Runner:
         c = self.comm
         path = os.path.join(self.run_dir, store.RUN_FILE)
         problem = ""
+        self.config_changes: list = []
         if c.rank == 0:
             if os.path.exists(path) and not (self.resume or self.force):
                 problem = (f"run directory {self.run_dir} already holds a run; pass --resume to "
                            f"continue it or --force to start over")
+            elif self.resume and (os.path.exists(path) or os.path.exists(path + ".bak")):
+                try:
+                    old_text = store.read_run(self.run_dir)["config_text"]
+                except OSError:
+                    old_text = None  # unreadable and no backup: started anew below
+                if old_text is not None:
+                    self.config_changes, problem = config_changes(old_text, self.cfg)
             elif self.force and not self.resume and os.path.isdir(self.run_dir):
-                shutil.rmtree(store.ckpt_root(self.run_dir), ignore_errors=True)
-                if os.path.exists(path):
-                    os.remove(path)
+                problem = clear_run(self.run_dir)
             if not problem:
                 os.makedirs(self.run_dir, exist_ok=True)
         problem = c.bcast(problem)
@@ -243,12 +522,22 @@ class Runner:
                 self.say(f"hpcopt: {why}")
                 if not restored:
                     os.remove(self.rf.path)
-            if not self.rf.exists():
+            self.continued = self.rf.exists()  # a run of an earlier session is continued
+            if not self.continued:
                 self.rf.create(self.config_text, self.attrs())
             for why in skipped:
                 self.say(f"hpcopt: {why}; skipped")
                 self.rf.event(-1, "checkpoint_skipped", why)
         return info
+
+    def record_resume(self, step: int, message: str) -> None:
+        """Rank 0: the `resume` event, with the config changes made on resuming (whose new
+        text replaces /config; the events keep the history)."""
+        if self.config_changes:
+            message += "; config changes: " + ", ".join(f"{k} {config_mod._show(a)} -> {config_mod._show(b)}"
+                                                        for k, a, b in self.config_changes)
+            self.rf.set_config(self.config_text)
+        self.rf.event(step, "resume", message)
 
     def restore(self, info: dict):
         names = self.algo.State._fields
@@ -328,6 +617,7 @@ class Runner:
 
     # ---------------------------------------------------------------------------------
     def run(self) -> int:
+        self.stop.install()
         self.setup()
         cfg, c = self.cfg, self.comm
         info = self.prepare_dir()
@@ -345,24 +635,33 @@ class Runner:
                     "  " + "  ".join(f"{k}={v[i]:.4g}" if isinstance(v[i], float) else f"{k}={v[i]}"
                                      for k, v in table.items()) for i in range(len(next(iter(table.values()))))))
         start = 0
+        self.reference = np.zeros(2)  # (sum, count) of the mean training loss of the first steps
         hybrid_run = cfg.algorithm.name.value == "hybrid"  # resumes in run_hybrid (its own clock)
         if info is not None and not hybrid_run:
             state = self.restore(info)
             start = int(info["step"])
+            try:
+                self.reference = store.read_state(self.run_dir, info, 0, 0, [], [REFERENCE])[REFERENCE]
+            except KeyError:
+                pass  # a checkpoint of an earlier version: the reference starts over
             if c.rank == 0:
                 dropped = self.rf.truncate(start)
-                self.rf.event(start, "resume", f"resumed from checkpoint step {start} on {c.size} ranks "
-                                               f"(checkpoint written by {info.get('ranks')} ranks); "
-                                               f"{dropped} later rows dropped")
+                self.record_resume(start, f"resumed from checkpoint step {start} on {c.size} ranks "
+                                          f"(checkpoint written by {info.get('ranks')} ranks); "
+                                          f"{dropped} later rows dropped")
             self.say(f"hpcopt: resuming {cfg.run.name} at step {start}")
         elif self.resume and info is None:
+            if c.rank == 0 and self.continued:  # the rows of a session that wrote no checkpoint go
+                dropped = self.rf.truncate(0)
+                self.record_resume(0, f"no checkpoint: started again at step 0 on {c.size} ranks; "
+                                      f"{dropped} rows of the earlier session dropped")
             self.say(f"hpcopt: no checkpoint in {self.run_dir}; starting at step 0")
-        self.stop.install()
         if self.kernels.note:
             self.say(f"hpcopt: warning: {self.kernels.note}")
         self.say(f"hpcopt: {cfg.algorithm.name.value} on {cfg.nodes.n} nodes x {c.size} ranks, "
                  f"model {self.model.kind} (d = {self.model.d}), data {self.dataset.name}, "
-                 f"device {self.backend.device_name}, kernels {self.kernels.impl} -> {self.run_dir}")
+                 f"memory ~{_fmt_bytes(self.memory_need)} per rank, device {self.backend.device_name}, "
+                 f"kernels {self.kernels.impl} -> {self.run_dir}")
         c.step = start - 1
         if hybrid_run:
             return self.run_hybrid(state, info)
@@ -397,8 +696,8 @@ class Runner:
                                   f"state (written by another method?); use --force to start over") from None
             if c.rank == 0:
                 dropped = self.rf.truncate_rows(int(resume["sim_clock"][4]))
-                self.rf.event(int(info["step"]), "resume", f"resumed the simulated clock at update {info['step']} "
-                                                           f"on {c.size} ranks; {dropped} later rows dropped")
+                self.record_resume(int(info["step"]), f"resumed the simulated clock at update {info['step']} "
+                                                      f"on {c.size} ranks; {dropped} later rows dropped")
             self.say(f"hpcopt: resuming {cfg.run.name} at update {info['step']}")
         grid: Dict[str, list] = {k: [] for k in ("time", "version", "received", "K", "buffer", "train_loss",
                                                  "test_loss", "test_accuracy")}
@@ -556,7 +855,10 @@ class Runner:
             for v in buf.values():
                 v.clear()
 
-        first_loss: Optional[np.ndarray] = None
+        # run.divergence_factor compares the mean training loss over the active nodes with the
+        # mean of that over the first REFERENCE_STEPS steps (kept in checkpoints)
+        factor, window = cfg.run.divergence_factor, min(REFERENCE_STEPS, T)
+        reference = np.array(self.reference, np.float64)
         diverged = ""
         for step in range(start, T):
             c.step = step
@@ -579,22 +881,24 @@ class Runner:
             buf["extra"].append({k: v for k, v in stats.items() if k in extra_names})
             steps_done += 1
             done = step + 1
-            if first_loss is None:
-                first_loss = loss.copy()
             active = (np.asarray(b.to_host(stats["active"]), bool) if "active" in stats
                       else np.ones(loss.shape, bool))  # Teleportation: the nodes holding a token
             buf["held"].append(active)
-            bad = not np.all(np.isfinite(loss[active])) or (
-                cfg.run.divergence_factor > 0
-                and np.any(loss[active] > cfg.run.divergence_factor * np.abs(first_loss[active])))
             over_budget = ((cfg.run.max_wall > 0 and time.perf_counter() - t_begin > cfg.run.max_wall)
                            or (cfg.run.stop_after > 0 and steps_done >= cfg.run.stop_after))
             want_stop = self.stop.signal is not None or over_budget
-            flags = c.allreduce_scalars([float(want_stop), float(bad)], op="max")
+            flags = c.allreduce_scalars([float(want_stop), float(not np.all(np.isfinite(loss[active]))),
+                                         float(loss[active].sum()), float(active.sum())])
+            mean_loss = flags[2] / max(1.0, flags[3])
+            if reference[1] < window:
+                reference += (mean_loss, 1.0)
+            ref = reference[0] / reference[1]
             if flags[1]:
                 diverged = f"a training loss became non-finite at step {step}"
-                if cfg.run.divergence_factor:
-                    diverged += f" or exceeded {cfg.run.divergence_factor:g} x its first value"
+            elif factor > 0 and reference[1] >= window and mean_loss > factor * abs(ref):
+                diverged = (f"the mean training loss {mean_loss:.4g} at step {step} exceeded run.divergence_factor "
+                            f"= {factor:g} x {ref:.4g}, its mean over steps 0-{window - 1}")
+            if diverged:
                 break
             if cfg.diagnostics.every and done % cfg.diagnostics.every == 0:
                 diag = metrics.diagnose(self.ctx, self.algo, state, done, lr)
@@ -608,8 +912,6 @@ class Runner:
                     self.rf.append("eval", last_eval)
                     best_acc = np.fmax(best_acc, float(last_eval["test_accuracy"][0]))
             if done % cfg.run.log_every == 0 or done == T:
-                total, count = c.allreduce_scalars([float(loss[active].sum()), float(active.sum())])
-                mean_loss = total / max(1.0, count)
                 flush()
                 if c.rank == 0 and cfg.run.progress:
                     rate = steps_done / max(1e-9, time.perf_counter() - t_begin)
@@ -619,7 +921,7 @@ class Runner:
                              f"{rate:.1f} steps/s | ETA {_fmt_time((T - done) / rate)}")
             if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0 and done < T:
                 flush()
-                self.checkpoint(state, done)
+                self.checkpoint(state, done, extra={REFERENCE: reference})
             if done < T and flags[0]:
                 stop_reason = (f"signal {signal.Signals(self.stop.signal).name}" if self.stop.signal
                                else ("run.max_wall / run.stop_after" if over_budget
@@ -639,7 +941,7 @@ class Runner:
             self.say(f"hpcopt: diverged: {diverged}; run stopped (recorded in run.h5, no checkpoint written)")
             return 0
         if stop_reason:
-            self.checkpoint(state, step)
+            self.checkpoint(state, step, extra={REFERENCE: reference})
             if c.rank == 0:
                 self.rf.event(step, "stopped", f"stopped at step {step} by {stop_reason}; checkpoint written")
             self.say(f"hpcopt: stopped at step {step} by {stop_reason}; checkpoint written; "
@@ -647,10 +949,11 @@ class Runner:
             return EXIT_REQUEUE
         final = self.evaluate(state, T)
         wall = time.perf_counter() - t_begin
-        self.checkpoint(state, T)
+        if c.rank == 0 and start < T:  # before the checkpoint, like every row up to its step (see truncate)
+            self.rf.append("eval", final)
+        self.checkpoint(state, T, extra={REFERENCE: reference})
         totals = c.gather_ranks(np.array(c.totals()))
         if c.rank == 0:
-            self.rf.append("eval", final)
             acc = float(final["test_accuracy"][0])
             best_acc = float(np.fmax(best_acc, acc)) if acc == acc else acc
             summary = {

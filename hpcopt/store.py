@@ -3,8 +3,9 @@
 Run directory `runs/<name>/`:
 
 run.h5 (rank 0 only)
-  /config            resolved YAML text; attrs: versions, MPI vendor, CUDA-awareness,
-                     ranks, nodes, placement, kernels, git describe
+  /config            resolved YAML text (a resume that changes allowed keys writes the new
+                     text; its `resume` event lists the changes); attrs: versions, MPI
+                     vendor, CUDA-awareness, ranks, nodes, placement, kernels, git describe
   /metrics/<name>    one row per step: shapes (rows,), (rows, nodes) or (rows, ranks);
                      after a resume on more ranks the per-rank columns widen (NaN-padded)
   /eval/<name>       one row per evaluation
@@ -199,14 +200,17 @@ class RunFile:
                                "time": np.array([time.time()])})
 
     def truncate(self, step: int) -> int:
-        """Drop metric and eval rows with step >= `step` (on resume); returns rows dropped."""
+        """Keep the rows written up to the checkpoint at `step` (on resume; 0: none): metric
+        rows with step < `step` (a metric row's step is the step taken), eval and diag rows
+        with step <= `step` (theirs counts the steps done; the one at `step` was written
+        before that checkpoint). Returns rows dropped."""
         dropped = 0
         with flush_lock(self.path, exclusive=True), h5py.File(self.path, "a", locking=False) as f:
             for group in ("metrics", "eval", "diag"):
                 g = f.get(group)
                 if g is None or "step" not in g:
                     continue
-                keep = int(np.searchsorted(g["step"][()], step, side="left"))
+                keep = int(np.searchsorted(g["step"][()], step, side="left" if group == "metrics" else "right"))
                 dropped += g["step"].shape[0] - keep
                 for name in g:
                     if g[name].shape[0] > keep:
@@ -227,6 +231,11 @@ class RunFile:
                         dropped = max(dropped, g[name].shape[0] - rows)
                         g[name].resize(rows, axis=0)
         return dropped
+
+    def set_config(self, text: str) -> None:
+        """Replace the /config text (a config changed on resume), keeping its attributes."""
+        with flush_lock(self.path, exclusive=True), h5py.File(self.path, "a", locking=False) as f:
+            f["config"][()] = text
 
     def set_summary(self, values: Dict[str, object]) -> None:
         with flush_lock(self.path, exclusive=True), h5py.File(self.path, "a", locking=False) as f:
