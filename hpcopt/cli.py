@@ -236,6 +236,9 @@ def main(argv=None) -> int:
             _finalize_mpi()
         return code
     except KeyboardInterrupt:
+        if "mpi4py.MPI" in sys.modules:  # a rank that leaves must take the job with it
+            from .comm import abort_if_started
+            abort_if_started(130)
         return 130
     except Exception as exc:  # noqa: BLE001 -- user errors: one line; the rest: stop every rank
         if _user_error(exc):

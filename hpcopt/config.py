@@ -191,8 +191,9 @@ class RunCfg:
     max_wall: float = _f(0.0, "wall-clock budget in seconds; on expiry checkpoint and exit 75 (0: none)", ge=0)
     stop_after: int = _f(0, "stop like on a signal (checkpoint, exit 75) after this many steps of this "
                             "session (0: off)", ge=0)
-    divergence_factor: float = _f(0.0, "stop as diverged when a node's loss exceeds this multiple of its first "
-                                       "loss (0: only on non-finite loss)", ge=0)
+    divergence_factor: float = _f(0.0, "stop as diverged when the mean training loss over the active nodes exceeds "
+                                       "this multiple of its mean over the first 10 steps (0: only on non-finite loss)",
+                                  ge=0)
     progress: bool = _f(True, "print a progress line with ETA on rank 0")
 
 
