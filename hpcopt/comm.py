@@ -4,8 +4,9 @@ n nodes are placed on P ranks in contiguous blocks (the first n mod P ranks hold
 extra node). A rank holds its nodes' rows as one `(local_n, d)` array; `mix`, `mean` and
 `move` take and return such blocks, so algorithms never see ranks.
 
-* `mix(X, W)`: rows of W @ X for this rank's nodes. From the sparsity of W and the
-  placement a plan lists, per peer rank, which local rows it needs and where received
+* `mix(X, W)`: rows of W @ X for this rank's nodes; W is a `topology.Sparse` (CSR; a
+  dense array is accepted for small n). From the sparsity of W and the placement a
+  plan (built vectorised over W's entries, O(nnz), no dense n x n array) lists, per peer rank, which local rows it needs and where received
   rows land; plans are cached per matrix. Messages are Isend/Irecv of row blocks (a
   view when the rows are contiguous), and the weighted sum is one fused kernel over
   local rows plus received rows (`Kernels.mix_rows`). Terms are summed in increasing
@@ -55,7 +56,7 @@ import numpy as np
 from . import backend as backend_mod
 from .kernels import Kernels
 
-TAG_MIX, TAG_MOVE = 11, 12
+TAG_MIX, TAG_MOVE, TAG_TOKEN = 11, 12, 14
 AUTO_BLOCKING_BYTES = 1 << 20  # comm.blocking_bytes = auto where ranks do not share cores
 
 
@@ -112,9 +113,46 @@ class CommTimeout(RuntimeError):
 
 
 def world_size() -> int:
-    """Number of ranks in the job (initialises MPI on first use)."""
+    """Number of ranks in the job (initialises MPI on first use); checks the launcher."""
     from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_size()
+    size = MPI.COMM_WORLD.Get_size()
+    check_launcher(size)
+    return size
+
+
+# the world size the launcher gave this process: MPI launchers' own variables first (an
+# mpiexec inside a Slurm allocation starts its proxies as one Slurm task per host), then
+# the Slurm step's task count (set in an srun step, not in the batch script)
+LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_size(environ=None) -> Tuple[Optional[int], str]:
+    """(number of processes the launcher started as one job, the variable that says so),
+    or (None, "") where no launcher variable is set (a plain `python` run)."""
+    env = os.environ if environ is None else environ
+    for var in LAUNCHER_SIZE_VARS:
+        if env.get(var, "").isdigit():
+            return int(env[var]), var
+    if env.get("SLURM_STEP_ID", "") != "":
+        for var in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+            if env.get(var, "").isdigit():
+                return int(env[var]), var
+    return None, ""
+
+
+def check_launcher(size: int, environ=None) -> None:
+    """Raise ConfigError when the launcher started more (or other) processes than MPI's
+    world holds: `srun` without a working MPI plugin, or an `mpiexec` of another MPI
+    library, starts N copies that each see a world of 1 and would all write one run."""
+    launched, var = launched_size(environ)
+    if launched is None or launched == size:
+        return
+    from .config import ConfigError
+    raise ConfigError(
+        f"launcher mismatch: this process is one of {launched} tasks ({var}={launched}) but MPI sees a world of "
+        f"{size}, so the tasks are not one MPI job (srun without a working MPI plugin, or an mpiexec of another "
+        f"MPI library than mpi4py's); with the mpich wheel use `srun --mpi=pmi2` or `mpiexec -n {launched}` inside "
+        f"the allocation, with a site MPI the srun --mpi type it supports (`srun --mpi=list`); nothing was written")
 
 
 def library_versions() -> Dict[str, str]:
@@ -165,6 +203,8 @@ class Comm:
                  blocking_bytes: int = -1):
         from mpi4py import MPI
         self.MPI = MPI
+        if mpi_comm is None:
+            check_launcher(MPI.COMM_WORLD.Get_size())
         self.comm = (mpi_comm if mpi_comm is not None else MPI.COMM_WORLD).Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.placement = Placement(n_nodes, self.size, server)
@@ -350,9 +390,11 @@ class Comm:
     # ---------------------------------------------------------------------------------
     # mixing
 
-    MAX_PLANS = 64  # static graphs need one plan, time-varying ones a few; per-step matrices evict
+    MAX_PLANS = 64  # static graphs need one plan, time-varying ones one per phase (17 at n = 1e5)
 
-    def plan(self, W: np.ndarray) -> MixPlan:
+    def plan(self, W) -> MixPlan:
+        """The message plan of W (a topology.Sparse or, for small n, a dense array), built
+        once per matrix object and cached while it lives in the cache."""
         hit = self._plans.get(id(W))
         if hit is not None and hit[0] is W:
             return hit[1]
@@ -365,40 +407,45 @@ class Comm:
     def bytes_by_op(self, ops: Sequence[str]) -> List[int]:
         return [self.counters[o].bytes if o in self.counters else 0 for o in ops]
 
-    def _build_plan(self, W: np.ndarray) -> MixPlan:
+    def _build_plan(self, W) -> MixPlan:
+        """Vectorised over the matrix's entries (no loop over nodes or edges): O(nnz)."""
+        from .topology import Sparse
+        if not isinstance(W, Sparse):
+            if getattr(W, "shape", None) != (self.n, self.n):
+                raise ValueError(f"mixing matrix is {getattr(W, 'shape', None)}, expected ({self.n}, {self.n})")
+            W = Sparse.from_dense(W)
+        elif W.n != self.n:
+            raise ValueError(f"mixing matrix is ({W.n}, {W.n}), expected ({self.n}, {self.n})")
         lo, hi = self.lo, self.hi
-        if W.shape != (self.n, self.n):
-            raise ValueError(f"mixing matrix is {W.shape}, expected ({self.n}, {self.n})")
-        block = W[lo:hi]
-        cols = np.nonzero((block != 0).any(axis=0))[0]
-        remote = cols[(cols < lo) | (cols >= hi)]  # sorted, so grouped by owner rank
-        slot = {int(j): k for k, j in enumerate(remote)}
-        owners = self.placement.owner(remote)
+        a, b = int(W.indptr[lo]), int(W.indptr[hi])
+        cols = W.indices[a:b]  # my rows' entries, columns ascending within each row
+        local = (cols >= lo) & (cols < hi)
+        remote = _unique(cols[~local])  # sorted, so grouped by owner rank
+        indices = np.where(local, cols - lo, self.local_n + np.searchsorted(remote, cols))
+        indptr = W.indptr[lo:hi + 1] - a
+        weights = W.data[a:b].astype(np.float32)
         recv = []
-        for q in np.unique(owners):
-            where = np.nonzero(owners == q)[0]
-            recv.append((int(q), int(where[0]), int(len(where))))
-        indptr, indices, weights = [0], [], []
-        for i in range(lo, hi):
-            js = np.nonzero(W[i])[0]
-            for j in js:
-                indices.append(j - lo if lo <= j < hi else self.local_n + slot[int(j)])
-                weights.append(W[i, j])
-            indptr.append(len(indices))
+        if remote.size:
+            owners = self.placement.owner(remote)
+            peers, first, count = np.unique(owners, return_index=True, return_counts=True)
+            recv = [(int(q), int(f), int(c)) for q, f, c in zip(peers, first, count)]
+        # rows of mine that other ranks' rows name: entries (row r elsewhere, column c mine)
+        rows = W.row_ids()
+        mine_col = (W.indices >= lo) & (W.indices < hi)
+        other_row = (rows < lo) | (rows >= hi)
+        sel = mine_col & other_row
         send = []
-        mine = np.arange(lo, hi)
-        for q in range(self.size):
-            if q == self.rank:
-                continue
-            qlo, qhi = self.placement.range(q)
-            need = np.nonzero((W[qlo:qhi][:, lo:hi] != 0).any(axis=0))[0]
-            if need.size:
-                send.append((q, mine[need] - lo))
+        if sel.any():
+            q = self.placement.owner(rows[sel]).astype(np.int64)
+            key = _unique(q * self.n + W.indices[sel])  # sorted by peer, then by node
+            qs, cs = key // self.n, key % self.n
+            peers, first = np.unique(qs, return_index=True)
+            bounds = list(first) + [len(qs)]
+            send = [(int(p), cs[bounds[i]:bounds[i + 1]] - lo) for i, p in enumerate(peers)]
         xp = self.backend.xp
-        return MixPlan(xp.asarray(np.asarray(indptr, np.int64)),
-                       xp.asarray(np.asarray(indices, np.int64)),
-                       xp.asarray(np.asarray(weights, np.float32)),
-                       recv, send, len(remote), {})
+        return MixPlan(xp.asarray(np.ascontiguousarray(indptr, np.int64)),
+                       xp.asarray(np.ascontiguousarray(indices, np.int64)),
+                       xp.asarray(weights), recv, send, int(remote.size), {})
 
     def _plan_buffers(self, plan: MixPlan, d: int):
         bufs = plan.buffers.get(d)
@@ -412,7 +459,7 @@ class Comm:
             plan.buffers[d] = bufs
         return bufs
 
-    def mix_begin(self, X, W: np.ndarray):
+    def mix_begin(self, X, W):
         """Post the messages of X -> W @ X; finish with `mix_end` (compute may overlap)."""
         t0 = time.perf_counter()
         plan = self.plan(W)
@@ -452,9 +499,76 @@ class Comm:
         self._count("mix", nbytes, spent + time.perf_counter() - t0)
         return out
 
-    def mix(self, X, W: np.ndarray, out=None):
+    def mix(self, X, W, out=None):
         """Rows lo..hi of W @ X_all, where X_all stacks every rank's X."""
         return self.mix_end(self.mix_begin(X, W), out)
+
+    def mix_tokens(self, X, nodes, W) -> Any:
+        """In place: x_{nodes[j]} <- sum_l W[j, l] x_{nodes[l]} for the K rows `nodes` (distinct
+        global node ids, the same list on every rank) and a K x K `topology.Sparse` W.
+
+        Only the K rows move: a plan of O(nnz(W) + K) is built per call (vectorised), each
+        rank receives the rows its rows of W name and sends its rows to the ranks whose rows
+        name them; terms are summed in increasing global node order with float32 weights,
+        exactly as `mix` sums the same rows of the n x n matrix that embeds W (rows of other
+        nodes being the identity), so results do not depend on the number of ranks.
+        """
+        t0 = time.perf_counter()
+        nodes = np.asarray(nodes, np.int64)
+        lo, hi, me = self.lo, self.hi, self.rank
+        owner = self.placement.owner(nodes)
+        rows, cols, vals = W.row_ids(), W.indices, W.data
+        keep = vals != 0
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        mine_row = owner[rows] == me
+        # what I compute: my slots' rows, terms in increasing node order of the source slot
+        r, c, v = rows[mine_row], cols[mine_row], vals[mine_row]
+        order = np.lexsort((nodes[c], nodes[r]))
+        r, c, v = r[order], c[order], v[order]
+        out_nodes = _unique(nodes[r]) if r.size else r
+        src = nodes[c]
+        here = (src >= lo) & (src < hi)
+        remote = _unique(src[~here])
+        indices = np.where(here, src - lo, self.local_n + np.searchsorted(remote, src))
+        indptr = np.zeros(len(out_nodes) + 1, np.int64)
+        np.cumsum(np.bincount(np.searchsorted(out_nodes, nodes[r]), minlength=len(out_nodes)), out=indptr[1:])
+        # what I send: my slots' rows named by other ranks' rows
+        sel = (~mine_row) & (owner[cols] == me)
+        sends = []
+        if sel.any():
+            key = _unique(owner[rows[sel]].astype(np.int64) * self.n + nodes[cols[sel]])
+            qs, ns = key // self.n, key % self.n
+            peers, first = np.unique(qs, return_index=True)
+            bounds = list(first) + [len(qs)]
+            sends = [(int(q), ns[bounds[i]:bounds[i + 1]] - lo) for i, q in enumerate(peers)]
+        xp, d = self.backend.xp, X.shape[1]
+        buf = self.backend.empty((len(remote), d))
+        reqs, peers_, after, nbytes = [], [], [], 0
+        if remote.size:
+            rown = self.placement.owner(remote)
+            qs, first, count = np.unique(rown, return_index=True, return_counts=True)
+            for q, f, k in zip(qs, first, count):
+                rb, cb = self._recv_buf(buf[f:f + k], "token", int(q))
+                reqs.append(self.comm.Irecv(rb, source=int(q), tag=TAG_TOKEN))
+                peers_.append(int(q))
+                if cb:
+                    after.append(cb)
+        for q, lrows in sends:
+            sb = xp.ascontiguousarray(X[xp.asarray(lrows)])
+            reqs.append(self.comm.Isend(self._send_buf(sb, "token", q), dest=q, tag=TAG_TOKEN))
+            peers_.append(q)
+            nbytes += sb.nbytes
+        if reqs:
+            self.wait(reqs, "mix", peers_)
+        for cb in after:
+            cb()
+        if len(out_nodes):
+            out = self.backend.empty((len(out_nodes), d))
+            self.kernels.mix_rows(out, X, buf, xp.asarray(indptr), xp.asarray(np.ascontiguousarray(indices)),
+                                  xp.asarray(v.astype(np.float32)))
+            X[xp.asarray(out_nodes - lo)] = out
+        self._count("mix", nbytes, time.perf_counter() - t0)
+        return X
 
     # ---------------------------------------------------------------------------------
     # collectives
@@ -650,6 +764,13 @@ def _watchdog(ref, period: float) -> None:
         if armed is not None and time.perf_counter() > armed[0] and comm._armed is armed:
             comm._abort(armed[1], sorted(set(armed[2])))
         del comm
+
+
+def _unique(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an int64 array (sort-based: NumPy 2's hash-based unique is
+    several times slower on millions of entries)."""
+    a = np.sort(a)
+    return a[np.concatenate([[True], a[1:] != a[:-1]])] if a.size else a
 
 
 def _contiguous(rows) -> bool:

@@ -44,7 +44,7 @@ def average(ctx, state: State):
 
 
 def step(ctx, state: State, t: int, lr: float):
-    W = ctx.topology.mixing_matrix(t)
+    W = ctx.topology.sparse(t)  # one CSR matrix per phase: comm builds its plan once per phase
     comm = ctx.comm
     A, y, w = ctx.data.batch(t)
     opt = ctx.cfg.optimizer

@@ -1,13 +1,17 @@
 """Teleportation (Takezawa & Stich, ICLR 2025, arXiv 2501.15259).
 
 k model "tokens" live on k active nodes. Step t:
-1. the active set a_t is an ordered uniform sample: the first k entries of a random
-   permutation of the n nodes drawn from (seed, t), computed by every rank without
-   messages; token j sits on node a_t[j];
+1. the active set a_t is an ordered uniform sample drawn from (seed, t), computed by
+   every rank without messages; token j sits on node a_t[j]. For n <= PERMUTATION_MAX it
+   is the first k entries of a random permutation of the n nodes (O(n) per step); above,
+   NumPy's `Generator.choice(n, k, replace=False)` from the same generator (Floyd's
+   algorithm, O(k)): the same distribution, another stream;
 2. every token takes an SGD step on the data of the node it sits on (inactive nodes
    compute nothing);
 3. the tokens gossip on a graph over token ids (`topology.*` with k vertices, ring by
-   default): x_j <- sum_l W_jl x_l (adapt-then-combine);
+   default): x_j <- sum_l W_jl x_l (adapt-then-combine), through `comm.mix_tokens`, which
+   touches only the k token rows (O(k d) per step, no n x n matrix and no n-row plan;
+   the sums are those the embedding n x n matrix gave, bit for bit);
 4. token j moves to node a_{t+1}[j] (`comm.move`: a row copy inside a rank, a message
    between ranks; a token whose next node is its current node is not sent).
 Token j therefore sees a uniformly random node every step, independently of where it
@@ -42,7 +46,6 @@ import numpy as np
 from .. import optim
 from .. import topology as topology_mod
 from ..data import step_rng
-from . import retire, spare_buffer
 
 SHARDED = ("X",)
 METRICS = ("token_node",)
@@ -104,12 +107,19 @@ def validation_split(cfg, ds, parts, xp=np):
 # pure schedule: where the tokens are
 
 
+PERMUTATION_MAX = 8192  # above this many nodes the active set is drawn in O(k) (see the docstring)
+
+
 def active_nodes(seed: int, step: int, n: int, sizes: Sequence[int], teleport: bool = True) -> np.ndarray:
-    """Node of every token at `step`: blocks of one permutation, one block per group."""
+    """Node of every token at `step`: blocks of one ordered uniform sample without
+    replacement, one block per group (a permutation's head up to PERMUTATION_MAX nodes)."""
     total = int(sum(sizes))
     if not teleport:
         return np.arange(total, dtype=np.int64)
-    return step_rng(seed, step, TAG).permutation(n)[:total].astype(np.int64)
+    rng = step_rng(seed, step, TAG)
+    if n <= PERMUTATION_MAX:
+        return rng.permutation(n)[:total].astype(np.int64)
+    return rng.choice(n, total, replace=False).astype(np.int64)
 
 
 def search_batches(n: int) -> List[List[int]]:
@@ -125,7 +135,8 @@ def search_batches(n: int) -> List[List[int]]:
 
 
 def node_mixing_matrix(n: int, nodes: np.ndarray, token_ws: Sequence[np.ndarray]) -> np.ndarray:
-    """n x n matrix applying each group's token graph to the nodes its tokens sit on."""
+    """n x n matrix applying each group's token graph to the nodes its tokens sit on (a
+    dense reference for small n in tests; the run path mixes the k rows only)."""
     W = np.eye(n)
     off = 0
     for Wt in token_ws:
@@ -150,11 +161,37 @@ class _Groups:
                                             path=t.path, rows=t.rows if k == ctx.cfg.algorithm.k else 0)
                          for k in self.sizes]
         self.group = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        self._nodes: dict = {}  # step -> active nodes (the schedule is asked several times per step)
+        self._mats: dict = {}  # phases -> block-diagonal token matrix
 
     def nodes(self, ctx, step: int) -> np.ndarray:
-        return active_nodes(ctx.cfg.run.seed, step, ctx.comm.n, self.sizes, ctx.cfg.algorithm.teleport)
+        hit = self._nodes.get(step)
+        if hit is None:
+            if len(self._nodes) >= 4:
+                self._nodes.pop(next(iter(self._nodes)))
+            hit = self._nodes[step] = active_nodes(ctx.cfg.run.seed, step, ctx.comm.n, self.sizes,
+                                                   ctx.cfg.algorithm.teleport)
+            hit.setflags(write=False)
+        return hit
+
+    def token_matrix(self, step: int) -> topology_mod.Sparse:
+        """K x K block-diagonal matrix over all tokens (each group's token graph at `step`)."""
+        key = tuple(tw.phase(step) for tw in self.token_ws)
+        W = self._mats.get(key)
+        if W is None:
+            rows, cols, vals, off = [], [], [], 0
+            for tw, k in zip(self.token_ws, self.sizes):
+                Wt = tw.sparse(step)
+                rows.append(Wt.row_ids() + off)
+                cols.append(Wt.indices + off)
+                vals.append(Wt.data)
+                off += k
+            W = self._mats[key] = topology_mod.Sparse.from_coo(off, np.concatenate(rows), np.concatenate(cols),
+                                                               np.concatenate(vals))
+        return W
 
     def matrix(self, ctx, step: int, nodes: np.ndarray) -> np.ndarray:
+        """The dense n x n matrix the token gossip applies (reference; small n only)."""
         return node_mixing_matrix(ctx.comm.n, nodes, [tw.mixing_matrix(step) for tw in self.token_ws])
 
 
@@ -166,7 +203,8 @@ def _local(ctx, nodes: np.ndarray):
 
 
 def _advance(ctx, X, groups: _Groups, t: int, lr: float):
-    """One Teleportation step for all groups; returns (X, per-row loss, active mask)."""
+    """One Teleportation step for all groups, in place on the k token rows of X; returns
+    (X, per-row loss, active mask). O(k d) apart from the two (local_n,) outputs."""
     b, comm = ctx.backend, ctx.comm
     nodes = groups.nodes(ctx, t)
     tokens, rows = _local(ctx, nodes)
@@ -181,10 +219,9 @@ def _advance(ctx, X, groups: _Groups, t: int, lr: float):
         X[r] = Xa
         loss[rows] = b.to_host(lval)
         active[rows] = True
-    Y = comm.mix(X, groups.matrix(ctx, t, nodes), out=spare_buffer(ctx, "teleport_spare", X))
-    retire(ctx, "teleport_spare", X)
-    comm.move(Y, nodes, groups.nodes(ctx, t + 1))
-    return Y, loss, active
+    comm.mix_tokens(X, nodes, groups.token_matrix(t))
+    comm.move(X, nodes, groups.nodes(ctx, t + 1))
+    return X, loss, active
 
 
 def _group_means(ctx, X, groups: _Groups, nodes: np.ndarray):
