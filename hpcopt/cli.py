@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 
@@ -98,7 +99,26 @@ def builtin_config(name: str):
     return path if os.path.exists(path) else None
 
 
+class EarlyStop:
+    """Records SIGTERM / SIGUSR1 from the first line of `hpcopt run` until the runner's
+    StopFlag takes over, so a signal while the config is read, NumPy is imported or the run
+    is set up asks for a checkpoint instead of killing the rank (TERM wins over USR1)."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):  # noqa: ARG002 -- signal handler signature
+        if self.signal != signal.SIGTERM:
+            self.signal = signum
+
+    def install(self) -> "EarlyStop":
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self)
+        return self
+
+
 def cmd_run(args) -> int:
+    early = EarlyStop().install()  # first thing: see EarlyStop
     from . import config
     path = args.config
     if not os.path.exists(path) and builtin_config(path):
@@ -108,7 +128,8 @@ def cmd_run(args) -> int:
     check_run_dir(run_dir, "--out" if args.out is not None else "run.out/run.name")
     _limit_threads()
     from . import runner
-    return runner.run_config(cfg, runner.resolved_text(cfg), run_dir, resume=args.resume, force=args.force)
+    return runner.run_config(cfg, runner.resolved_text(cfg), run_dir, resume=args.resume, force=args.force,
+                             early=early)
 
 
 def cmd_analyse(args) -> int:

@@ -1,7 +1,9 @@
 """Build a run from a config and drive it: the loop, evaluation, logging, checkpoints, signals.
 
-Exit statuses (also in the README): 0 finished; 2 bad config or input; 75 stopped early
-by SIGTERM / SIGUSR1 / SIGINT / run.max_wall after writing a checkpoint ("requeue me"); 130
+Exit statuses (also in the README): 0 finished; 2 bad config or input (also: the run
+directory is in use by another run); 75 stopped early by SIGUSR1 / SIGINT / run.max_wall /
+run.stop_after after writing a checkpoint ("requeue me"); 143 stopped by SIGTERM after
+writing a checkpoint (scancel, preemption: the job ends, it is not requeued); 130
 a second SIGINT (the job is aborted at once); 1 other failures. Only rank 0 prints and
 writes run.h5; every rank writes its checkpoint shard.
 """
@@ -32,7 +34,8 @@ from .comm import Comm
 from .config import Config, ConfigError
 from .kernels import Kernels
 
-EXIT_REQUEUE = 75
+EXIT_REQUEUE = 75  # stopped after a checkpoint because time runs out (USR1, run.max_wall, run.stop_after): requeue me
+EXIT_TERMINATED = 143  # stopped after a checkpoint by SIGTERM (scancel, preemption): ended, do not requeue
 REFERENCE_STEPS = 10  # run.divergence_factor: the reference is the mean loss of the first steps
 REFERENCE = "divergence_reference"  # its (sum, count) in checkpoints (a replicated array)
 
@@ -361,7 +364,7 @@ def clear_run(run_dir: str) -> str:
 
 class Runner:
     def __init__(self, cfg: Config, config_text: str, run_dir: str, resume: bool = False,
-                 force: bool = False, out=sys.stdout):
+                 force: bool = False, out=sys.stdout, early=None):
         self.cfg = cfg
         self.config_text = config_text
         self.run_dir = run_dir
@@ -369,6 +372,10 @@ class Runner:
         self.force = force
         self.out = out
         self.stop = StopFlag()
+        self.early = early  # cli.EarlyStop: the signals that came before the runner took over
+        self.lock_fd: Optional[int] = None  # rank 0: the run directory's lock, held until exit
+        self.base_totals: dict = {}  # run totals of the sessions before this one (from the checkpoint)
+        self.t_begin = time.perf_counter()
         self.faults = Faults(os.environ.get("HPCOPT_FAULT", ""))
 
     # ---------------------------------------------------------------------------------
@@ -494,7 +501,14 @@ class Runner:
         problem = ""
         self.config_changes: list = []
         if c.rank == 0:
-            if os.path.exists(path) and not (self.resume or self.force):
+            holder = ""
+            lock_path = os.path.join(self.run_dir, store.RUN_LOCK)
+            lock_existed = os.path.exists(lock_path)
+            if os.path.isdir(self.run_dir):
+                self.lock_fd, holder = store.lock_run_dir(self.run_dir)
+            if holder:
+                problem = _in_use(self.run_dir, holder)
+            elif os.path.exists(path) and not (self.resume or self.force):
                 problem = (f"run directory {self.run_dir} already holds a run; pass --resume to "
                            f"continue it or --force to start over")
             elif self.resume and (os.path.exists(path) or os.path.exists(path + ".bak")):
@@ -508,6 +522,14 @@ class Runner:
                 problem = clear_run(self.run_dir)
             if not problem:
                 os.makedirs(self.run_dir, exist_ok=True)
+                if self.lock_fd is None:  # a new directory: lock it before anything is written
+                    self.lock_fd, holder = store.lock_run_dir(self.run_dir)
+                    if holder:
+                        problem = _in_use(self.run_dir, holder)
+            elif self.lock_fd is not None and not lock_existed:  # leave a refused directory as it was
+                os.close(self.lock_fd)
+                self.lock_fd = None
+                os.remove(lock_path)
         problem = c.bcast(problem)
         if problem:
             raise ConfigError(problem)
@@ -563,13 +585,15 @@ class Runner:
         except OSError as exc:
             mine = {"rank": c.rank, "error": str(exc)}
         shards = c.gather_obj(mine)
+        totals = self.run_totals()
         if c.rank == 0:
             errors = [s["error"] for s in shards if "error" in s]
             if not errors:
                 self.faults.before_complete(step)
                 try:  # a full disk here must not stop rank 0 short of the barrier the others wait in
                     store.write_complete(self.run_dir, step, shards,
-                                         {"ranks": c.size, "nodes": c.n, "algorithm": self.cfg.algorithm.name.value})
+                                         {"ranks": c.size, "nodes": c.n, "algorithm": self.cfg.algorithm.name.value,
+                                          "totals": totals})
                     store.backup_run_file(self.run_dir)
                     store.prune(self.run_dir, self.cfg.run.keep_checkpoints)
                 except OSError as exc:
@@ -581,6 +605,18 @@ class Runner:
                 except OSError:
                     pass  # the disk that refused the checkpoint may refuse the event too; the line above says it
         c.barrier()
+
+    def run_totals(self) -> Optional[dict]:
+        """Collective: the whole run's totals so far (the sessions before this one, from the
+        checkpoint it resumed, plus this one); a dict on rank 0, None elsewhere."""
+        c, base = self.comm, self.base_totals
+        mine = c.gather_ranks(np.array(c.totals()))
+        if c.rank != 0:
+            return None
+        return {"bytes_sent_total": float(base.get("bytes_sent_total", 0.0) + mine[:, 0].sum()),
+                "comm_seconds_max_rank": float(base.get("comm_seconds_max_rank", 0.0) + mine[:, 1].max()),
+                "wall_seconds": float(base.get("wall_seconds", 0.0) + time.perf_counter() - self.t_begin),
+                "sessions": int(base.get("sessions", 0)) + 1}
 
     # ---------------------------------------------------------------------------------
     def evaluate(self, state, step: int) -> dict:
@@ -617,7 +653,22 @@ class Runner:
 
     # ---------------------------------------------------------------------------------
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the run directory's lock (the OS does at exit; a process that runs
+        several Runners, e.g. a benchmark, needs it now)."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def _run(self) -> int:
         self.stop.install()
+        if self.early is not None and self.early.signal is not None and self.stop.signal is None:
+            self.stop.signal = self.early.signal
         self.setup()
         cfg, c = self.cfg, self.comm
         info = self.prepare_dir()
@@ -637,6 +688,8 @@ class Runner:
         start = 0
         self.reference = np.zeros(2)  # (sum, count) of the mean training loss of the first steps
         hybrid_run = cfg.algorithm.name.value == "hybrid"  # resumes in run_hybrid (its own clock)
+        if info is not None:
+            self.base_totals = dict(info.get("totals") or {})
         if info is not None and not hybrid_run:
             state = self.restore(info)
             start = int(info["step"])
@@ -773,9 +826,12 @@ class Runner:
             if c.rank == 0:
                 self.rf.event(res["updates"], "stopped", f"stopped at update {res['updates']} by {stop_reason}; "
                                                          f"checkpoint written")
-            self.say(f"hpcopt: stopped at update {res['updates']} by {stop_reason}; checkpoint written; "
-                     f"exit {EXIT_REQUEUE} (resume with --resume)")
-            return EXIT_REQUEUE
+            terminated = c.agree(self.stop.signal == signal.SIGTERM)
+            code = EXIT_TERMINATED if terminated else EXIT_REQUEUE
+            self.say(f"hpcopt: stopped at update {res['updates']} by {stop_reason}; checkpoint written; exit {code} "
+                     + ("(ended by SIGTERM: not to be requeued; continue with --resume)" if terminated
+                        else "(resume with --resume)"))
+            return code
         if wall_clock:  # collect the workers' own statistics
             gathered = c.gather_obj((res.get("workers"), cpu))
             if c.rank == 0:
@@ -825,10 +881,11 @@ class Runner:
         buf: Dict[str, list] = {k: [] for k in ("step", "lr", "wall", "train_loss", "held", "rank", "extra", "ops")}
         extra_names = tuple(getattr(self.algo, "METRICS", ()))
         ops = ("mix", "move")
-        t_begin = time.perf_counter()
+        t_begin = self.t_begin = time.perf_counter()
         last_eval: dict = {}
         best_acc = -np.inf
         stop_reason = ""
+        terminated = False
         step = start
         steps_done = 0
 
@@ -888,7 +945,8 @@ class Runner:
                            or (cfg.run.stop_after > 0 and steps_done >= cfg.run.stop_after))
             want_stop = self.stop.signal is not None or over_budget
             flags = c.allreduce_scalars([float(want_stop), float(not np.all(np.isfinite(loss[active]))),
-                                         float(loss[active].sum()), float(active.sum())])
+                                         float(loss[active].sum()), float(active.sum()),
+                                         float(self.stop.signal == signal.SIGTERM)])
             mean_loss = flags[2] / max(1.0, flags[3])
             if reference[1] < window:
                 reference += (mean_loss, 1.0)
@@ -926,6 +984,7 @@ class Runner:
                 stop_reason = (f"signal {signal.Signals(self.stop.signal).name}" if self.stop.signal
                                else ("run.max_wall / run.stop_after" if over_budget
                                      else "a stop request on another rank"))
+                terminated = bool(flags[4])  # SIGTERM on any rank: the job ends, it is not requeued
                 step = done
                 break
         else:
@@ -942,32 +1001,41 @@ class Runner:
             return 0
         if stop_reason:
             self.checkpoint(state, step, extra={REFERENCE: reference})
+            code = EXIT_TERMINATED if terminated else EXIT_REQUEUE
             if c.rank == 0:
                 self.rf.event(step, "stopped", f"stopped at step {step} by {stop_reason}; checkpoint written")
-            self.say(f"hpcopt: stopped at step {step} by {stop_reason}; checkpoint written; "
-                     f"exit {EXIT_REQUEUE} (resume with --resume)")
-            return EXIT_REQUEUE
+            self.say(f"hpcopt: stopped at step {step} by {stop_reason}; checkpoint written; exit {code} "
+                     + ("(ended by SIGTERM: not to be requeued; continue with --resume)" if terminated
+                        else "(resume with --resume)"))
+            return code
         final = self.evaluate(state, T)
         wall = time.perf_counter() - t_begin
         if c.rank == 0 and start < T:  # before the checkpoint, like every row up to its step (see truncate)
             self.rf.append("eval", final)
         self.checkpoint(state, T, extra={REFERENCE: reference})
-        totals = c.gather_ranks(np.array(c.totals()))
+        run = self.run_totals()  # the whole run: every session, not only this one
         if c.rank == 0:
             acc = float(final["test_accuracy"][0])
-            best_acc = float(np.fmax(best_acc, acc)) if acc == acc else acc
+            accs = np.asarray(store.read_run(self.run_dir)["eval"].get("test_accuracy", []), float)
+            best_acc = float(np.nanmax(accs)) if np.isfinite(accs).any() else acc
             summary = {
                 "steps": T, "final_test_accuracy": acc, "final_test_loss": float(final["test_loss"][0]),
-                "best_test_accuracy": best_acc, "wall_seconds": wall, "steps_this_session": steps_done,
+                "best_test_accuracy": best_acc, "wall_seconds": run["wall_seconds"],
+                "wall_seconds_this_session": wall, "steps_this_session": steps_done, "sessions": run["sessions"],
                 "consensus_distance": float(final["consensus_distance"][0]),
-                "bytes_sent_total": float(totals[:, 0].sum()),
-                "bytes_per_node": float(totals[:, 0].sum() / c.n),
-                "comm_seconds_max_rank": float(totals[:, 1].max()),
+                "bytes_sent_total": run["bytes_sent_total"],
+                "bytes_per_node": run["bytes_sent_total"] / c.n,
+                "comm_seconds_max_rank": run["comm_seconds_max_rank"],
             }
             self.rf.set_summary(summary)
             self.rf.event(T, "finished", f"finished {T} steps")
             self.say(summary_table(cfg, summary, c.size))
         return 0
+
+
+def _in_use(run_dir: str, holder: str) -> str:
+    return (f"run directory {run_dir} is in use by {holder} (it holds {store.RUN_LOCK}); a run directory takes "
+            f"one run at a time: wait for that run to end, or stop it (scancel, kill)")
 
 
 def _active_mean(per_node: np.ndarray, held: np.ndarray) -> np.ndarray:
@@ -1008,9 +1076,9 @@ def summary_table(cfg: Config, s: dict, ranks: int) -> str:
 
 
 def run_config(cfg: Config, config_text: str, run_dir: Optional[str] = None, resume: bool = False,
-               force: bool = False) -> int:
+               force: bool = False, early=None) -> int:
     run_dir = run_dir or os.path.join(cfg.run.out, cfg.run.name)
-    return Runner(cfg, config_text, run_dir, resume=resume, force=force).run()
+    return Runner(cfg, config_text, run_dir, resume=resume, force=force, early=early).run()
 
 
 def resolved_text(cfg: Config) -> str:

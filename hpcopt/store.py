@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -125,6 +126,60 @@ def flush_lock(h5_path: str, exclusive: bool, patience: float = 30.0) -> Iterato
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+RUN_LOCK = "run.lock"  # held (flock, exclusive) by the run writing the directory, for its lifetime
+
+
+def lock_run_dir(run_dir: str) -> Tuple[Optional[int], str]:
+    """Take the exclusive lock of the run directory `run_dir` (which exists) for the rest of
+    this process's life: returns (fd, "") -- keep the fd open; the OS releases the lock when
+    the process ends, however it ends, so a killed run leaves no stale lock -- or
+    (None, holder) where another process holds it, `holder` naming it (host, pid, Slurm job,
+    since when) from what it wrote into the lock file; (None, "") where the file system has
+    no locks (the run goes on without one)."""
+    path = os.path.join(run_dir, RUN_LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None, ""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        finally:
+            os.close(fd)
+        try:
+            who = json.loads(text)
+        except ValueError:
+            who = {}
+        return None, _holder(who if isinstance(who, dict) else {})
+    except OSError:
+        os.close(fd)
+        return None, ""
+    env = os.environ
+    who = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+           "slurm_job_id": env.get("SLURM_JOB_ID", ""),
+           "slurm_array": (f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
+                           if env.get("SLURM_ARRAY_JOB_ID") else "")}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(who).encode(), 0)
+    except OSError:
+        pass  # the lock holds without the note
+    return fd, ""
+
+
+def _holder(who: dict) -> str:
+    text = f"hpcopt pid {who.get('pid', '?')} on host {who.get('host', '?')}"
+    if who.get("slurm_job_id"):
+        text += f", Slurm job {who['slurm_job_id']}"
+        if who.get("slurm_array"):
+            text += f" (array task {who['slurm_array']})"
+    if isinstance(who.get("since"), (int, float)):
+        text += f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(who['since']))}"
+    return text
 
 
 # ---------------------------------------------------------------------------------------

@@ -245,8 +245,6 @@ def test_a_signal_in_the_first_seconds_is_held_until_the_ranks_can_take_it(tmp_p
     assert store.latest(str(out))[0]["step"] == 1  # stopped at the first step boundary
 
 
-@pytest.mark.xfail(strict=True, reason="needs runner.py to exit EXIT_TERMINATED = 143 (not 75) after a SIGTERM "
-                                       "stop (Runner.loop / run_hybrid); 75 only for USR1, max_wall, stop_after")
 def test_hpcopt_exits_143_after_a_sigterm_stop(tmp_path):
     out = tmp_path / "run"
     proc = run_hpcopt_mpi(2, ["run", QUICK, "--set", "run.steps=200", "--out", out], HPCOPT_FAULT="term@10:0")
@@ -255,8 +253,6 @@ def test_hpcopt_exits_143_after_a_sigterm_stop(tmp_path):
     assert info["step"] == 11 and "stopped at step 11 by signal SIGTERM" in proc.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="needs cli.cmd_run to install the SIGTERM/SIGUSR1 handlers first thing, "
-                                       "before the config is read (today Runner.run installs them)")
 def test_a_signal_while_hpcopt_reads_its_config_is_not_lost(tmp_path):
     fifo = tmp_path / "quick.yaml"  # hpcopt blocks reading its config until the test writes it
     os.mkfifo(fifo)

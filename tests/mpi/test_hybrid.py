@@ -91,10 +91,10 @@ def test_simulated_run_stopped_by_a_signal_resumes_bit_for_bit(tmp_path):
     args = [*BASE, "--set", "algorithm.budget_seconds=20", "--set", "algorithm.k_every=50",
             "--set", "run.checkpoint_every=50"]
     check(run_hpcopt_mpi(1, ["run", QUICK, "--out", tmp_path / "ref", *args]))
-    # rank 1 of 2 gets SIGTERM after update 120: both ranks agree, checkpoint, exit 75
+    # rank 1 of 2 gets SIGTERM after update 120: both ranks agree, checkpoint, exit 143 (ended, not requeued)
     out = tmp_path / "run"
     stopped = run_hpcopt_mpi(2, ["run", QUICK, "--out", out, *args], HPCOPT_FAULT="term@120:1")
-    assert stopped.returncode == 75, stopped.stderr
+    assert stopped.returncode == 143, stopped.stderr
     assert "stopped at update 120 by" in stopped.stdout
     assert store.latest(str(out))[0]["step"] == 120
     # a second session stops itself after 30 updates (run.stop_after), like a time limit

@@ -196,8 +196,6 @@ def test_a_signal_in_the_first_second_of_a_requeued_start_requeues_again(requeue
     assert log.count("by signal SIGUSR1; checkpoint written") == 2 and "exited with exit code 138" not in log.lower()
 
 
-@pytest.mark.xfail(strict=True, reason="needs runner.py to sum the summary over sessions (the run totals carried in "
-                                       "each checkpoint's COMPLETE marker; best accuracy over the whole eval table)")
 def test_summary_describes_the_whole_run_after_resumes(requeued):
     run, ref = requeued["run"]["summary"], requeued["reference"]["summary"]
     assert run["steps"] == ref["steps"] == 1500
@@ -240,7 +238,6 @@ def test_scancel_ends_the_job_for_good_with_its_checkpoint(cancelled):
     assert len(stops) == 1 and "SIGTERM" in stops[0] and f"step {info['step']}" in stops[0], run["events"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs runner.py to exit EXIT_TERMINATED = 143 (not 75) after a SIGTERM stop")
 def test_scancel_stop_has_its_own_exit_status(cancelled):
     assert "exited with exit code 143" in cancelled["log"].lower(), cancelled["log"]
 
@@ -265,8 +262,6 @@ def test_srun_without_an_mpi_plugin_fails_with_one_line_and_writes_nothing(slurm
 
 # -- a second job on the same run directory ------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="needs an exclusive fcntl lock on the run directory for the run's lifetime "
-                                       "(store.lock_run_dir, taken in Runner.prepare_dir): exit 2 naming the holder")
 def test_a_second_job_on_the_same_run_directory_exits_2_naming_the_first(slurm, tmp_path):
     out = tmp_path / "run"
     args = ["--ntasks-per-node=1", JOBS / "cpu.sbatch", QUICK, "--set", "run.steps=60", "--set", "run.log_every=10",
