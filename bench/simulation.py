@@ -1,8 +1,8 @@
 """Simulation throughput: many nodes per rank, vectorised over the node axis.
 
-Run:  python bench/simulation.py [--json FILE]
+Run:  python bench/simulation.py [--json FILE] [--profile]
 
-(a) 256 nodes of D-SGD on a ring with logistic regression on ONE rank: hpcopt (one
+(a) 256 nodes of D-SGD on a ring with logistic regression (29 features + bias: d = 30) on ONE rank: hpcopt (one
     (256, d) block, batched gradients, one fused mix kernel) against a straightforward
     per-node Python loop written here (a list of per-node vectors, NumPy per node).
 (b) 16 nodes placed as 1 rank x 16 nodes against 16 ranks x 1 node (one process per node,
@@ -11,7 +11,9 @@ Figures are node-steps per second (nodes x steps / seconds of the training loop)
 hpcopt the seconds are read off its own per-step clock (`/metrics/wall`, the time after
 each step) from the end of the first step to the end of the last, so set-up, the first
 (warm-up) step and the final evaluation of every node on the test set are left out, as
-the baseline loops have none of them.
+the baseline loops have none of them. `--profile` adds where one step's time goes
+(microseconds per call of each part of a D-SGD step at 256 nodes, measured in isolation:
+keyed minibatch gather, loss/gradient, mix, update).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-PROBLEM = {"data": {"dataset": "classification", "dim": 20, "classes": 2, "samples_per_node": 64,
+PROBLEM = {"data": {"dataset": "classification", "dim": 29, "classes": 2, "samples_per_node": 64,
                     "batch_size": 16, "partition": "iid"},
            "model": {"name": "logistic"}, "algorithm": {"name": "dsgd"}, "topology": {"name": "ring"},
            "optimizer": {"lr": 0.1}}
@@ -103,11 +105,46 @@ def ranks_rate(ranks: int, n: int, steps: int, workdir: str) -> float:
     return loop_seconds_rate(out, n)
 
 
+def breakdown(n: int = 256, calls: int = 2000) -> dict:
+    """Microseconds per call of the parts of one D-SGD step (1 rank, n nodes)."""
+    from hpcopt import config as config_mod
+    from hpcopt import runner
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config_mod.from_dict(config(n, 10))
+        r = runner.Runner(cfg, "", os.path.join(tmp, "b"), force=True, out=io.StringIO())
+        r.setup()
+        ctx = r.ctx
+        state = r.algo.init(ctx, r.model.init(0))
+        A, y, w = ctx.data.batch(0)
+        W = ctx.topology.sparse(0)
+        out = np.empty_like(state.X)
+        _, G = ctx.model.loss_grad(state.X, A, y, w)
+
+        def timed(fn):
+            fn(0)
+            t0 = time.perf_counter()
+            for i in range(calls):
+                fn(i)
+            return (time.perf_counter() - t0) / calls * 1e6
+        parts = {"minibatch gather": timed(lambda i: ctx.data.batch(i)),
+                 "loss + gradient": timed(lambda i: ctx.model.loss_grad(state.X, A, y, w)),
+                 "mix": timed(lambda i: ctx.comm.mix(state.X, W, out=out)),
+                 "update": timed(lambda i: ctx.kernels.sgd(out, G, 0.0)),
+                 "whole step": timed(lambda i: r.algo.step(ctx, state, i, 0.0))}
+        parts["kernels"] = ctx.kernels.impl
+    return parts
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--json", default="")
+    p.add_argument("--profile", action="store_true")
     args = p.parse_args()
     rows = []
+    if args.profile:
+        parts = breakdown()
+        print("one D-SGD step, 256 nodes, 1 rank (us per call): " +
+              ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in parts.items()))
     with tempfile.TemporaryDirectory() as tmp:
         ours = hpcopt_rate(256, 2000, tmp)
         base = loop_rate(256, 60)

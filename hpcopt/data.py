@@ -624,8 +624,9 @@ class NodeData:
 
     def __init__(self, xp, ds: Dataset, parts: Sequence[np.ndarray], nodes: Sequence[int],
                  batch_size: int, seed: int, dtype=np.float32, augment: bool = False,
-                 shape: Optional[tuple] = None):
+                 shape: Optional[tuple] = None, kernels=None):
         self.xp = xp
+        self._kernels = kernels  # None: the process's current Kernels (hpcopt.kernels.current)
         self.nodes = np.asarray(nodes, np.int64)
         self.batch_size = batch_size
         self.seed = seed
@@ -633,6 +634,7 @@ class NodeData:
         idx = [np.asarray(parts[v], np.int64) for v in self.nodes]
         self.counts = counts = np.array([len(p) for p in idx], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)[:, None]
+        self._starts1 = np.ascontiguousarray(self._starts[:, 0])
         rows = np.concatenate(idx)
         self._flat_X = xp.asarray(ds.X_train[rows].astype(dtype, copy=False))
         self._flat_y = xp.asarray(ds.y_train[rows])
@@ -681,6 +683,35 @@ class NodeData:
         r = self.xp.asarray(rows)
         return self._augmented(tuple(a[r] for a in self._full), self.nodes[rows], steps, stream)
 
+    def _compiled(self):
+        """The compiled CPU kernels when they can serve this sampler's gathers, else None."""
+        if self.xp is not np or self._flat_X.dtype != np.float32 or not self._flat_X.flags.c_contiguous \
+                or self._flat_X.ndim != 2:
+            return None
+        from . import kernels as kernels_mod
+        k = self._kernels if self._kernels is not None else kernels_mod.current()
+        return k if k is not None and k.impl == "cpu" else None
+
+    def _gather(self, sel, step, B: int, stream: int):
+        """(A (L, B, f), y (L, B)) of the keyed draws of the rows `sel` (a slice or an index
+        array) at `step` (one integer or one per row): one compiled pass (keyed_gather.cu)
+        where the CPU kernels are built, else NumPy; the two give the same batches bit for bit."""
+        nodes = self.nodes[sel]
+        counts = self.counts[sel]
+        k = self._compiled()
+        if k is None:
+            idx = keyed_ints(self.seed, nodes, step, B, counts, stream)
+            flat = self.xp.asarray((idx + self._starts[sel]).ravel())
+            return (self._flat_X.take(flat, axis=0).reshape(len(nodes), B, -1),
+                    self._flat_y.take(flat).reshape(len(nodes), B))
+        keys = _node_keys(self.seed, stream, nodes).reshape(-1).view(np.int64)
+        steps = np.ascontiguousarray(np.asarray(step, np.uint64).reshape(-1).view(np.int64))
+        A = np.empty((len(nodes), B, self._flat_X.shape[1]), np.float32)
+        flat = np.empty((len(nodes), B), np.int64)
+        k.keyed_gather(A, flat, self._flat_X, keys, steps, np.ascontiguousarray(counts),
+                       np.ascontiguousarray(self._starts1[sel]))
+        return A, self._flat_y.take(flat)
+
     def batch_indices(self, step: int, stream: int = 0, rows=None) -> np.ndarray:
         sel = slice(None) if rows is None else np.asarray(rows)
         return keyed_ints(self.seed, self.nodes[sel], step, self.batch_size, self.counts[sel], stream)
@@ -692,10 +723,8 @@ class NodeData:
         B = self.batch_size
         if not B:
             return self._whole(rows, steps, 0)
-        idx = keyed_ints(self.seed, self.nodes[rows], steps, B, self.counts[rows])
-        flat = self.xp.asarray((idx + self._starts[rows]).ravel())
-        A = self._flat_X.take(flat, axis=0).reshape(len(rows), B, -1)
-        batch = (A, self._flat_y.take(flat).reshape(len(rows), B), self._w[:len(rows)])
+        A, y = self._gather(rows, steps, B, 0)
+        batch = (A, y, self._w[:len(rows)])
         return self._augmented(batch, self.nodes[rows], steps, 0)
 
     def batch(self, step: int, stream: int = 0, rows=None, batch_size=None):
@@ -706,9 +735,7 @@ class NodeData:
         if not B:
             return self._whole(rows, step, stream)
         sel = slice(None) if rows is None else np.asarray(rows)
-        idx = keyed_ints(self.seed, self.nodes[sel], step, B, self.counts[sel], stream)
-        flat = self.xp.asarray((idx + self._starts[sel]).ravel())
-        L = len(self.nodes) if rows is None else len(sel)
-        A = self._flat_X.take(flat, axis=0).reshape(L, B, -1)
+        A, y = self._gather(sel, step, B, stream)
+        L = A.shape[0]
         w = self._w[:L] if B == self.batch_size else self.xp.full((L, B), 1.0 / B, dtype=self._flat_X.dtype)
-        return self._augmented((A, self._flat_y.take(flat).reshape(L, B), w), self.nodes[sel], step, stream)
+        return self._augmented((A, y, w), self.nodes[sel], step, stream)

@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 F32 = np.float32
-KERNEL_FILES = ("fused_update.cu", "mix_rows.cu")
+KERNEL_FILES = ("fused_update.cu", "mix_rows.cu", "keyed_gather.cu")
 CPU_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off",
              "-fPIC", "-shared", "-std=c++14", "-x", "c++")
 
@@ -41,6 +41,7 @@ SIGNATURES: Dict[str, str] = {
     "adam_update": "ppppffffffffffn",
     "scaled_update": "pppfffn",
     "mix_rows": "pppnqqpnn",
+    "keyed_gather": "pqpnqqnqqnn",
 }
 
 
@@ -124,6 +125,32 @@ def ref_mix_rows(out, local, remote, indptr, indices, weights):
         out[xp.asarray(rows)] += w * src
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _ref_mix64(z):
+    z = z ^ (z >> np.uint64(30))
+    z = z * np.uint64(0xBF58476D1CE4E5B9)
+    z = z ^ (z >> np.uint64(27))
+    z = z * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def ref_keyed_gather(A, idx, X, keys, steps, step_stride, counts, starts):
+    """idx[r, j] = mix(mix(keys[r] ^ (steps[r] * G + 2)) + (j + 1) G) % counts[r] + starts[r];
+    A[r, j] = X[idx[r, j]] (see keyed_gather.cu); A (rows, B, f), idx (rows, B)."""
+    rows, B = idx.shape
+    with np.errstate(over="ignore"):
+        k = np.asarray(keys).view(np.uint64)[:, None]
+        s = np.asarray(steps).view(np.uint64)
+        s = np.broadcast_to(s[:1] if step_stride == 0 else s[:rows], (rows,))[:, None]
+        k = _ref_mix64(k ^ (s * _GOLDEN + np.uint64(2)))
+        bits = _ref_mix64(k + (np.arange(B, dtype=np.uint64)[None, :] + np.uint64(1)) * _GOLDEN)
+    flat = (bits % np.asarray(counts).view(np.uint64)[:, None]).view(np.int64) + np.asarray(starts)[:, None]
+    idx[...] = flat
+    A[...] = X[flat]
+
+
 def _xp(a) -> Any:
     if isinstance(a, np.ndarray):
         return np
@@ -138,6 +165,7 @@ def _host(a):
 REFERENCES = {
     "sgd_update": ref_sgd, "momentum_update": ref_momentum, "rmsprop_update": ref_rmsprop,
     "adam_update": ref_adam, "scaled_update": ref_scaled, "mix_rows": ref_mix_rows,
+    "keyed_gather": ref_keyed_gather,
 }
 
 
@@ -286,6 +314,7 @@ ARRAYS: Dict[str, Tuple[str, ...]] = {
     "adam_update": ("x", "g", "m", "v"),
     "scaled_update": ("x", "g", "d"),
     "mix_rows": ("out", "local", "remote", "indptr", "indices", "weights"),
+    "keyed_gather": ("A", "idx", "X", "keys", "steps", "counts", "starts"),
 }
 _F32 = np.dtype(np.float32)
 _I64 = np.dtype(np.int64)
@@ -336,6 +365,14 @@ def _index_bounds(a) -> Tuple[int, int]:
     return (int(h.min()), int(h.max())) if h.size else (0, -1)
 
 
+_CURRENT: Any = None  # weak reference to the most recently created Kernels
+
+
+def current() -> Optional["Kernels"]:
+    """The most recently created Kernels of this process (the runner's), or None."""
+    return _CURRENT() if _CURRENT is not None else None
+
+
 class Kernels:
     """Fused update and mixing kernels on one device.
 
@@ -352,6 +389,8 @@ class Kernels:
         self._row_sum_ops: Dict[tuple, Any] = {}
         # (id(indptr), id(indices)) -> (weak refs to both, CSR bounds hold, largest index)
         self._csr: Dict[Tuple[int, int], Tuple[Any, Any, bool, int]] = {}
+        global _CURRENT
+        _CURRENT = weakref.ref(self)  # the rank's kernels, for code built without a handle (NodeData)
         if mode == "numpy":
             return
         try:
@@ -424,6 +463,37 @@ class Kernels:
 
     def scaled(self, x, g, d, lr: float, alpha: float, wd: float = 0.0) -> None:
         self._run("scaled_update", (x, g, d), (F32(lr), F32(alpha), F32(wd)), x.size)
+
+    # -- data ----------------------------------------------------------------------
+    def keyed_gather(self, A, idx, X, keys, steps, counts, starts) -> None:
+        """The keyed minibatch gather (see keyed_gather.cu): A (rows, B, f) float32 and idx
+        (rows, B) int64 are written; X (N, f) float32; keys (rows,) int64 (uint64 bits of
+        data._node_keys); steps (rows,) or (1,) int64; counts (>= 1), starts (rows,) int64
+        with starts + counts <= N. Everything is checked before any call into C."""
+        rows, B = idx.shape
+        f = X.shape[1] if X.ndim == 2 else -1
+        arrays = (A, idx, X, keys, steps, counts, starts)
+        for name, a, dt in zip(ARRAYS["keyed_gather"], arrays, (F32, _I64, F32, _I64, _I64, _I64, _I64)):
+            if not hasattr(a, "dtype") or not hasattr(a, "flags"):
+                raise ValueError(f"kernel argument keyed_gather.{name} must be a C-contiguous "
+                                 f"{np.dtype(dt).name} array, got {type(a).__name__}")
+            _check("keyed_gather", name, a, dt)
+        if (f < 0 or A.shape != (rows, B, f) or keys.shape != (rows,) or counts.shape != (rows,)
+                or starts.shape != (rows,) or steps.shape not in ((rows,), (1,))):
+            raise ValueError(f"kernel keyed_gather: shapes A {A.shape}, idx {idx.shape}, X {X.shape}, keys "
+                             f"{keys.shape}, steps {steps.shape}, counts {counts.shape}, starts {starts.shape} "
+                             f"do not fit (rows, B) = {(rows, B)}")
+        if rows and (int(counts.min()) < 1 or int(starts.min()) < 0 or int((starts + counts).max()) > X.shape[0]):
+            raise ValueError(f"kernel keyed_gather: every row needs counts >= 1 and 0 <= starts, "
+                             f"starts + counts <= {X.shape[0]} (rows of X)")
+        stride = 0 if steps.shape == (1,) and rows != 1 else 1
+        if self.impl == "numpy" or not rows or not B:
+            ref_keyed_gather(A, idx, X, keys, steps, stride, counts, starts)
+        elif self.impl == "cpu":
+            self._lib.call("keyed_gather", [A, idx, X, f, keys, steps, stride, counts, starts, rows, B])
+        else:
+            self._lib.call("keyed_gather", [A, idx, X, np.int64(f), keys, steps, np.int64(stride), counts, starts,
+                                            np.int64(rows), np.int64(B)], rows * B)
 
     # -- mixing --------------------------------------------------------------------
     def row_sum(self, out, X, scale: float) -> None:

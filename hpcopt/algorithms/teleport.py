@@ -208,7 +208,14 @@ def _advance(ctx, X, groups: _Groups, t: int, lr: float):
     b, comm = ctx.backend, ctx.comm
     nodes = groups.nodes(ctx, t)
     tokens, rows = _local(ctx, nodes)
-    loss = np.full(comm.local_n, np.nan)
+    # the (local_n,) loss row is reused across steps (the runner copies it at once): only the
+    # rows set last step go back to NaN, so a step costs O(k) there too
+    loss = ctx.workspace.get("teleport_loss")
+    if loss is None or loss.shape != (comm.local_n,):
+        loss = ctx.workspace["teleport_loss"] = np.full(comm.local_n, np.nan)
+    else:
+        loss[ctx.workspace.get("teleport_loss_rows", slice(0, 0))] = np.nan
+    ctx.workspace["teleport_loss_rows"] = rows
     active = np.zeros(comm.local_n, bool)
     if len(rows):
         r = b.xp.asarray(rows)

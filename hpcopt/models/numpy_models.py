@@ -64,7 +64,7 @@ class LinearModel:
         W, b = self._split(X)
         Z = xp.matmul(A, W)
         if b is not None:
-            Z = Z + b[:, None, :]
+            Z += b[:, None, :]  # in place: the same sums as Z + b, one array fewer
         return Z
 
     def _dloss(self, Z, y, w) -> Tuple:
@@ -74,12 +74,26 @@ class LinearModel:
             r = Z[..., 0] - y
             return (w * r * r).sum(axis=-1) * 0.5, (w * r)[..., None]
         if self.kind == "logistic":
+            # the same float32 operations as softplus = max(z, 0) + log1p(e), p = where(z >= 0,
+            # 1, e) / (1 + e) with e = exp(-|z|), loss = sum w (softplus - y z), dZ = w (p - y),
+            # evaluated in place in four scratch arrays (the step is call-bound at small sizes)
             z = Z[..., 0]
             y = y.astype(z.dtype, copy=False)  # integer labels would promote to float64
-            e = xp.exp(-xp.abs(z))  # one exponential for both, stable for any z
-            softplus = xp.maximum(z, 0) + xp.log1p(e)
-            p = xp.where(z >= 0, 1, e) / (1 + e)
-            return (w * (softplus - y * z)).sum(axis=-1), (w * (p - y))[..., None]
+            e = xp.abs(z)
+            xp.negative(e, out=e)
+            xp.exp(e, out=e)  # one exponential for both, stable for any z
+            sp = xp.maximum(z, 0)
+            t = xp.log1p(e)
+            sp += t
+            p = xp.where(z >= 0, z.dtype.type(1), e)
+            xp.add(e, 1, out=t)
+            p /= t
+            xp.multiply(y, z, out=t)
+            sp -= t
+            sp *= w
+            p -= y
+            p *= w
+            return sp.sum(axis=-1), p[..., None]
         zmax = Z.max(axis=-1, keepdims=True)
         e = xp.exp(Z - zmax)
         s = e.sum(axis=-1, keepdims=True)
@@ -118,11 +132,26 @@ class LinearModel:
         loss, dZ = self._loss_dz(X, A, y, w)
         return loss, self._pack(X, A, dZ)
 
+    EVAL_CHUNK = 1 << 24  # shared-data evaluation: at most this many (node, sample) logits at once
+
+    def _chunks(self, X, A):
+        """Node slices for evaluating many nodes on shared data (A 2-D) in bounded memory;
+        every node's result is independent of the others, so chunking changes no bit."""
+        L = X.shape[0]
+        step = L if A.ndim != 2 else max(1, self.EVAL_CHUNK // max(1, A.shape[0] * self.k))
+        return [slice(i, min(L, i + step)) for i in range(0, L, step)] if L > step else None
+
     def loss(self, X, A, y, w):
+        chunks = self._chunks(X, A)
+        if chunks is not None:
+            return _xp(X).concatenate([self._loss_dz(X[c], A, y, w[c])[0] for c in chunks])
         return self._loss_dz(X, A, y, w)[0]
 
     def accuracy(self, X, A, y):
         xp = _xp(X)
+        chunks = self._chunks(X, A)
+        if chunks is not None:
+            return xp.concatenate([self.accuracy(X[c], A, y) for c in chunks])
         Z = self.logits(X, A)
         if self.kind == "quadratic":
             return xp.full(X.shape[0], np.nan, dtype=X.dtype)

@@ -1,0 +1,42 @@
+// keyed_gather.cu -- the minibatch gather of NodeData: keyed random indices -> rows.
+//
+// For element e = r * B + j (row r of the batch, sample j):
+//   k      = mix(keys[r] ^ (steps[r * step_stride] * G + 2))
+//   bits   = mix(k + (j + 1) * G)                 (mix: the splitmix64 finaliser, G: golden ratio)
+//   idx[e] = bits % counts[r] + starts[r]         (a row of the flat training data)
+//   A[e, :] = X[idx[e], :]
+// keys[r] is data._node_keys(seed, stream, node of row r); all integer arithmetic wraps
+// modulo 2^64, so the indices equal data.keyed_ints' bit for bit, and the rows are copies.
+#ifndef HPCOPT_CPU_SHIM
+#define HPCOPT_LOOP(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
+         i += (long long)blockDim.x * gridDim.x)
+#endif
+
+__device__ __forceinline__ unsigned long long hpcopt_mix64(unsigned long long z) {
+    z ^= z >> 30;
+    z *= 0xBF58476D1CE4E5B9ULL;
+    z ^= z >> 27;
+    z *= 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return z;
+}
+
+extern "C" __global__ void keyed_gather(float* __restrict__ A, long long* __restrict__ idx,
+                                        const float* __restrict__ X, long long f,
+                                        const long long* __restrict__ keys, const long long* __restrict__ steps,
+                                        long long step_stride, const long long* __restrict__ counts,
+                                        const long long* __restrict__ starts, long long rows, long long B) {
+    const unsigned long long G = 0x9E3779B97F4A7C15ULL;
+    HPCOPT_LOOP(e, rows * B) {
+        const long long r = e / B, j = e - (e / B) * B;
+        const unsigned long long s = (unsigned long long)steps[r * step_stride];
+        const unsigned long long k = hpcopt_mix64((unsigned long long)keys[r] ^ (s * G + 2ULL));
+        const unsigned long long bits = hpcopt_mix64(k + (unsigned long long)(j + 1) * G);
+        const long long flat = (long long)(bits % (unsigned long long)counts[r]) + starts[r];
+        idx[e] = flat;
+        const float* __restrict__ src = X + flat * f;
+        float* __restrict__ dst = A + e * f;
+        for (long long c = 0; c < f; ++c) dst[c] = src[c];
+    }
+}
