@@ -7,10 +7,17 @@
 //   A[e, :] = X[idx[e], :]
 // keys[r] is data._node_keys(seed, stream, node of row r); all integer arithmetic wraps
 // modulo 2^64, so the indices equal data.keyed_ints' bit for bit, and the rows are copies.
+// Row loop: a grid-stride loop on the GPU; on the CPU an OpenMP loop WITHOUT `simd` (the
+// rows' inner loops would otherwise be vectorised across rows into gathers and scatters,
+// several times slower), in parallel from HPCOPT_PARALLEL_MIN copied floats on.
 #ifndef HPCOPT_CPU_SHIM
-#define HPCOPT_LOOP(i, n) \
+#define HPCOPT_ROW_LOOP(i, n, work) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
          i += (long long)blockDim.x * gridDim.x)
+#else
+#define HPCOPT_ROW_LOOP(i, n, work) \
+    HPCOPT_PRAGMA(omp parallel for schedule(static) if((long long)(work) >= HPCOPT_PARALLEL_MIN)) \
+    for (long long i = 0; i < (long long)(n); ++i)
 #endif
 
 __device__ __forceinline__ unsigned long long hpcopt_mix64(unsigned long long z) {
@@ -28,15 +35,20 @@ extern "C" __global__ void keyed_gather(float* __restrict__ A, long long* __rest
                                         long long step_stride, const long long* __restrict__ counts,
                                         const long long* __restrict__ starts, long long rows, long long B) {
     const unsigned long long G = 0x9E3779B97F4A7C15ULL;
-    HPCOPT_LOOP(e, rows * B) {
-        const long long r = e / B, j = e - (e / B) * B;
+    // one (row) per iteration: the row's key, count and start once, then its B samples
+    HPCOPT_ROW_LOOP(r, rows, rows * B * f) {
         const unsigned long long s = (unsigned long long)steps[r * step_stride];
         const unsigned long long k = hpcopt_mix64((unsigned long long)keys[r] ^ (s * G + 2ULL));
-        const unsigned long long bits = hpcopt_mix64(k + (unsigned long long)(j + 1) * G);
-        const long long flat = (long long)(bits % (unsigned long long)counts[r]) + starts[r];
-        idx[e] = flat;
-        const float* __restrict__ src = X + flat * f;
-        float* __restrict__ dst = A + e * f;
-        for (long long c = 0; c < f; ++c) dst[c] = src[c];
+        const unsigned long long c = (unsigned long long)counts[r];
+        const long long start = starts[r];
+        for (long long j = 0; j < B; ++j) {
+            const unsigned long long bits = hpcopt_mix64(k + (unsigned long long)(j + 1) * G);
+            const long long flat = (long long)(bits % c) + start;
+            const long long e = r * B + j;
+            idx[e] = flat;
+            const float* __restrict__ src = X + flat * f;
+            float* __restrict__ dst = A + e * f;
+            for (long long t = 0; t < f; ++t) dst[t] = src[t];
+        }
     }
 }
