@@ -9,7 +9,7 @@
 // modulo 2^64, so the indices equal data.keyed_ints' bit for bit, and the rows are copies.
 // Row loop: a grid-stride loop on the GPU; on the CPU an OpenMP loop WITHOUT `simd` (the
 // rows' inner loops would otherwise be vectorised across rows into gathers and scatters,
-// several times slower), in parallel from HPCOPT_PARALLEL_MIN copied floats on.
+// several times slower), in parallel from HPCOPT_PARALLEL_MIN samples on (waking threads costs more below).
 #ifndef HPCOPT_CPU_SHIM
 #define HPCOPT_ROW_LOOP(i, n, work) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
@@ -36,7 +36,7 @@ extern "C" __global__ void keyed_gather(float* __restrict__ A, long long* __rest
                                         const long long* __restrict__ starts, long long rows, long long B) {
     const unsigned long long G = 0x9E3779B97F4A7C15ULL;
     // one (row) per iteration: the row's key, count and start once, then its B samples
-    HPCOPT_ROW_LOOP(r, rows, rows * B * f) {
+    HPCOPT_ROW_LOOP(r, rows, rows * B) {
         const unsigned long long s = (unsigned long long)steps[r * step_stride];
         const unsigned long long k = hpcopt_mix64((unsigned long long)keys[r] ^ (s * G + 2ULL));
         const unsigned long long c = (unsigned long long)counts[r];
