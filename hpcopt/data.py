@@ -708,8 +708,9 @@ class NodeData:
         steps = np.ascontiguousarray(np.asarray(step, np.uint64).reshape(-1).view(np.int64))
         A = np.empty((len(nodes), B, self._flat_X.shape[1]), np.float32)
         flat = np.empty((len(nodes), B), np.int64)
-        k.keyed_gather(A, flat, self._flat_X, keys, steps, np.ascontiguousarray(counts),
-                       np.ascontiguousarray(self._starts1[sel]))
+        whole = isinstance(sel, slice) and sel == slice(None)  # the same arrays every step: bounds checked once
+        k.keyed_gather(A, flat, self._flat_X, keys, steps, self.counts if whole else np.ascontiguousarray(counts),
+                       self._starts1 if whole else np.ascontiguousarray(self._starts1[sel]))
         return A, self._flat_y.take(flat)
 
     def batch_indices(self, step: int, stream: int = 0, rows=None) -> np.ndarray:

@@ -389,6 +389,7 @@ class Kernels:
         self._row_sum_ops: Dict[tuple, Any] = {}
         # (id(indptr), id(indices)) -> (weak refs to both, CSR bounds hold, largest index)
         self._csr: Dict[Tuple[int, int], Tuple[Any, Any, bool, int]] = {}
+        self._gathers: Dict[Tuple[int, int], Tuple[Any, Any, int]] = {}  # keyed_gather bounds
         global _CURRENT
         _CURRENT = weakref.ref(self)  # the rank's kernels, for code built without a handle (NodeData)
         if mode == "numpy":
@@ -483,7 +484,7 @@ class Kernels:
             raise ValueError(f"kernel keyed_gather: shapes A {A.shape}, idx {idx.shape}, X {X.shape}, keys "
                              f"{keys.shape}, steps {steps.shape}, counts {counts.shape}, starts {starts.shape} "
                              f"do not fit (rows, B) = {(rows, B)}")
-        if rows and (int(counts.min()) < 1 or int(starts.min()) < 0 or int((starts + counts).max()) > X.shape[0]):
+        if rows and self._gather_end(counts, starts) > X.shape[0]:
             raise ValueError(f"kernel keyed_gather: every row needs counts >= 1 and 0 <= starts, "
                              f"starts + counts <= {X.shape[0]} (rows of X)")
         stride = 0 if steps.shape == (1,) and rows != 1 else 1
@@ -494,6 +495,28 @@ class Kernels:
         else:
             self._lib.call("keyed_gather", [A, idx, X, np.int64(f), keys, steps, np.int64(stride), counts, starts,
                                             np.int64(rows), np.int64(B)], rows * B)
+
+    def _gather_end(self, counts, starts) -> int:
+        """max(starts + counts), or a huge value when some count < 1 or start < 0; kept per
+        (counts, starts) pair while both live (NodeData passes the same arrays every step),
+        like the CSR bounds of mix_rows (writing into them afterwards is not supported)."""
+        key = (id(counts), id(starts))
+        hit = self._gathers.get(key)
+        if hit is not None and hit[0]() is counts and hit[1]() is starts:
+            return hit[2]
+        ok = int(counts.min()) >= 1 and int(starts.min()) >= 0
+        end = int((starts + counts).max()) if ok else 1 << 62
+        table = self._gathers
+
+        def forget(_ref, key=key):
+            entry = table.get(key)
+            if entry is not None and (entry[0] is _ref or entry[1] is _ref):
+                del table[key]
+        try:
+            table[key] = (weakref.ref(counts, forget), weakref.ref(starts, forget), end)
+        except TypeError:
+            pass
+        return end
 
     # -- mixing --------------------------------------------------------------------
     def row_sum(self, out, X, scale: float) -> None:

@@ -3,7 +3,8 @@
 // For element e = r * B + j (row r of the batch, sample j):
 //   k      = mix(keys[r] ^ (steps[r * step_stride] * G + 2))
 //   bits   = mix(k + (j + 1) * G)                 (mix: the splitmix64 finaliser, G: golden ratio)
-//   idx[e] = bits % counts[r] + starts[r]         (a row of the flat training data)
+//   idx[e] = bits % counts[r] + starts[r]         (a row of the flat training data; the
+//            remainder by a per-row reciprocal, exact)
 //   A[e, :] = X[idx[e], :]
 // keys[r] is data._node_keys(seed, stream, node of row r); all integer arithmetic wraps
 // modulo 2^64, so the indices equal data.keyed_ints' bit for bit, and the rows are copies.
@@ -29,6 +30,27 @@ __device__ __forceinline__ unsigned long long hpcopt_mix64(unsigned long long z)
     return z;
 }
 
+// high 64 bits of a 64 x 64-bit product
+#ifdef HPCOPT_CPU_SHIM
+__device__ __forceinline__ unsigned long long hpcopt_mulhi(unsigned long long a, unsigned long long b) {
+    return (unsigned long long)(((unsigned __int128)a * b) >> 64);
+}
+#else
+__device__ __forceinline__ unsigned long long hpcopt_mulhi(unsigned long long a, unsigned long long b) {
+    return __umul64hi(a, b);
+}
+#endif
+
+// a mod c with inv = floor((2^64 - 1) / c): the quotient estimate mulhi(a, inv) is never
+// above floor(a / c) and at most 2 below, so the loop makes the result exact; one 64-bit
+// division per row instead of one per sample (a 64-bit DIV costs up to ~90 cycles)
+__device__ __forceinline__ unsigned long long hpcopt_mod(unsigned long long a, unsigned long long c,
+                                                         unsigned long long inv) {
+    unsigned long long m = a - hpcopt_mulhi(a, inv) * c;
+    while (m >= c) m -= c;
+    return m;
+}
+
 extern "C" __global__ void keyed_gather(float* __restrict__ A, long long* __restrict__ idx,
                                         const float* __restrict__ X, long long f,
                                         const long long* __restrict__ keys, const long long* __restrict__ steps,
@@ -40,10 +62,11 @@ extern "C" __global__ void keyed_gather(float* __restrict__ A, long long* __rest
         const unsigned long long s = (unsigned long long)steps[r * step_stride];
         const unsigned long long k = hpcopt_mix64((unsigned long long)keys[r] ^ (s * G + 2ULL));
         const unsigned long long c = (unsigned long long)counts[r];
+        const unsigned long long inv = 0xFFFFFFFFFFFFFFFFULL / c;
         const long long start = starts[r];
         for (long long j = 0; j < B; ++j) {
             const unsigned long long bits = hpcopt_mix64(k + (unsigned long long)(j + 1) * G);
-            const long long flat = (long long)(bits % c) + start;
+            const long long flat = (long long)hpcopt_mod(bits, c, inv) + start;
             const long long e = r * B + j;
             idx[e] = flat;
             const float* __restrict__ src = X + flat * f;
