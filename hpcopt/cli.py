@@ -158,6 +158,8 @@ def cmd_topology(args) -> int:
     print(f"  neighbour weights    {s['weight_min']:.4g} .. {s['weight_max']:.4g}")
     print(f"  self weights         {s['self_weight_min']:.4g} .. {s['self_weight_max']:.4g}")
     if args.matrix:
+        if args.n > 4096:
+            return _fail(f"--matrix is not allowed with --n = {args.n}: the dense matrix is printed up to 4096 nodes")
         import numpy as np
         with np.printoptions(precision=3, suppress=True, linewidth=200):
             print(topo.mixing_matrix(0))

@@ -211,7 +211,7 @@ def memory_terms(cfg: Config, nodes: int, arrays: int, shape: Optional[tuple], d
     nodes this rank computes; `arrays`: (nodes, d) float32 arrays per node (state and
     gradient); `shape`: data_shape. Every rank holds the whole data set; the NumPy models
     evaluate every node on the whole test set at once (torch models in model.eval_batch
-    chunks); dsgd builds dense (n, n) float64 mixing matrices, one per phase."""
+    chunks); dsgd builds sparse (CSR) mixing matrices, one per phase (edge lists: counted as dense)."""
     n, B, name = cfg.nodes.n, cfg.data.batch_size, cfg.model.name.value
     synthetic = cfg.data.dataset.value in ("quadratic", "classification")
     fkey = "data.dim" if synthetic else ("data.path" if cfg.data.path else "data.dataset")
@@ -229,12 +229,25 @@ def memory_terms(cfg: Config, nodes: int, arrays: int, shape: Optional[tuple], d
                       [("nodes.n", nodes), ("data.batch_size", B), (fkey, features)]))
         if name not in config_mod.TORCH_MODELS:
             width = max((*cfg.model.hidden, classes, 1)) if name == "mlp" else max(classes, 1)
-            terms.append(("evaluation", 4.0 * nodes * test * width,
-                          [("nodes.n", nodes), (rkey, test / n), (dkey, width)]))
+            held = nodes
+            if cfg.algorithm.name.value == "teleport" and cfg.algorithm.k:  # only the token rows are evaluated
+                held = max(1, math.ceil(nodes * cfg.algorithm.k / n))
+            # the NumPy models evaluate shared data in chunks of about 2**24 logits (a few temporaries each)
+            terms.append(("evaluation", 4.0 * min(held * test * width, 6 * 2 ** 24),
+                          [("nodes.n", held), (rkey, test / n), (dkey, width)]))
     if cfg.algorithm.name.value == "dsgd":
-        phases = max(1, math.ceil(math.log2(n))) if cfg.topology.name.value == "one_peer_exponential" else 1
-        terms.append(("topology", 8.0 * n * n * phases, [("nodes.n", n)]))
+        topo = cfg.topology.name.value
+        phases = max(1, math.ceil(math.log2(n))) if topo == "one_peer_exponential" else 1
+        terms.append(("topology", (16.0 * _edges_per_node(cfg, n) + 8.0) * n * phases, [("nodes.n", n)]))
     return terms
+
+
+def _edges_per_node(cfg: Config, n: int) -> float:
+    """Nonzeros per row of a topology's sparse (CSR) mixing matrix, self weight included."""
+    logn = max(1, math.ceil(math.log2(max(2, n))))
+    return {"ring": 3, "torus": 5, "exponential": 2 * logn + 1, "exponential_directed": logn + 1,
+            "one_peer_exponential": 2, "complete": n, "star": 2, "hypercube": logn + 1,
+            "erdos_renyi": cfg.topology.p * n + 1}.get(cfg.topology.name.value, n)
 
 
 def _cgroup_headroom() -> Optional[float]:

@@ -50,10 +50,11 @@ def test_terms_and_the_key_they_blame():
     cfg = cfg_of(nodes={"n": 10 ** 9})
     terms = {what: (b, factors) for what, b, factors in runner.memory_terms(cfg, 10 ** 9, 3, runner.data_shape(cfg), 4)}
     assert set(terms) == {"state", "data", "minibatch", "evaluation", "topology"}
-    assert terms["topology"][0] == 8.0 * 1e18 and terms["state"][0] == 4.0 * 1e9 * 4 * 3
+    # a ring's CSR: 3 nonzeros per row (16 bytes each: value and column) plus a row pointer
+    assert terms["topology"][0] == (16.0 * 3 + 8) * 1e9 and terms["state"][0] == 4.0 * 1e9 * 4 * 3
     assert terms["minibatch"][0] == 4.0 * 1e9 * 32 * 4  # nodes x batch x features x 4 bytes
     one_peer = cfg_of(nodes={"n": 1000}, topology={"name": "one_peer_exponential"})
-    assert dict((w, b) for w, b, _ in runner.memory_terms(one_peer, 500, 3, None, None))["topology"] == 8e6 * 10
+    assert dict((w, b) for w, b, _ in runner.memory_terms(one_peer, 500, 3, None, None))["topology"] == (16.0 * 2 + 8) * 1000 * 10
     sync = cfg_of(algorithm={"name": "sync_sgd"})
     assert "topology" not in [w for w, _, _ in runner.memory_terms(sync, 2, 3, None, None)]
 
@@ -70,12 +71,13 @@ def test_available_memory_is_the_hosts_share_or_the_address_space_limit():
     ("nodes.n=1000000000", "nodes.n = 1000000000 is not allowed: this run needs about"),
     ("data.batch_size=1000000000000", "data.batch_size = 1000000000000 is not allowed"),
     ("data.samples_per_node=1000000000000", "data.samples_per_node = 1000000000000 is not allowed"),
-    ("nodes.n=100000", "nodes.n = 100000 is not allowed"),
-], ids=["nodes-dsgd", "batch", "samples", "nodes-evaluation"])
+    ("nodes.n=100000 topology.name=complete", "nodes.n = 100000 is not allowed"),
+], ids=["nodes-dsgd", "batch", "samples", "nodes-complete-graph"])
 def test_a_run_that_cannot_fit_is_refused_before_anything_is_made(tmp_path, override, message):
     (tmp_path / "c.yaml").write_text("run: {steps: 3, progress: false}\nnodes: {n: 2}\n"
                                      "data: {dataset: quadratic, dim: 4, samples_per_node: 8}\n")
-    proc = run_cli(["run", "c.yaml", "--out", "out", "--set", override], cwd=tmp_path, timeout=60)
+    sets = [a for o in override.split() for a in ("--set", o)]
+    proc = run_cli(["run", "c.yaml", "--out", "out", *sets], cwd=tmp_path, timeout=60)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert message in lines[0] and " per rank (state " in lines[0] and "available (" in lines[0]
