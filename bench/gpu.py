@@ -268,7 +268,7 @@ def kernel_bench(rep: Report, cp, reps: int, sizes) -> None:
         t_copy = copy_seconds(6 * d, inner)
         rep.row(f"fused sgd d={d:.0e}: GB/s vs device copy", 12 * d / t_sgd / 1e9, 12 * d / t_copy / 1e9,
                 t_copy / t_sgd)
-        del x, g, m, v
+        x = g = m = v = None  # free the device arrays before the next size
         cp.get_default_memory_pool().free_all_blocks()
     R, d = 16, 10**6
     X, remote = rand(R * d).reshape(R, d), rand(2 * d).reshape(2, d)

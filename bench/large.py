@@ -33,8 +33,6 @@ import tempfile
 import time
 import tracemalloc
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
@@ -134,18 +132,7 @@ def run_1e5(steps: int, ranks: int = 1) -> dict:
         path = os.path.join(tmp, "large.yaml")
         with open(path, "w") as fh:
             yaml.safe_dump(cfg, fh)
-        # the runner's memory estimate may still charge D-SGD a dense (n, n) float64 topology
-        # (74.5 GiB at n = 1e5) that is no longer allocated: the wrapper replaces that one term
-        # with the CSR's size (16 bytes per stored entry, ring: 3 per node) and says so
-        wrapper = ("import sys; from hpcopt import runner, cli; real = runner.memory_terms\n"
-                   "def terms(cfg, *a, **k):\n"
-                   "    out = real(cfg, *a, **k)\n"
-                   "    fixed = [(w, 16.0 * 3 * cfg.nodes.n, f) if w == 'topology' else (w, b, f) for w, b, f in out]\n"
-                   "    if fixed != out: print('bench: sparse topology term substituted in the estimate', file=sys.stderr)\n"
-                   "    return fixed\n"
-                   "runner.memory_terms = terms\n"
-                   "sys.exit(cli.main(sys.argv[1:]))\n")
-        cmd = [sys.executable, "-c", wrapper, "run", path, "--out", os.path.join(tmp, "run")]
+        cmd = [sys.executable, "-m", "hpcopt", "run", path, "--out", os.path.join(tmp, "run")]
         if ranks > 1:
             here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
             cmd = [here, "-n", str(ranks), sys.executable, "-m", "mpi4py", *cmd[1:]]
@@ -154,8 +141,7 @@ def run_1e5(steps: int, ranks: int = 1) -> dict:
                               env=dict(os.environ, PYTHONPATH=os.path.join(HERE, "..")))
         wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024.0
-    note = "sparse topology term substituted" if "substituted" in proc.stderr else ""
-    return {"returncode": proc.returncode, "wall_s": wall, "peak_rss": rss, "estimate_note": note,
+    return {"returncode": proc.returncode, "wall_s": wall, "peak_rss": rss,
             "message": (proc.stderr.strip().splitlines() or [""])[-1][:300]}
 
 
@@ -170,7 +156,10 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     only = set(filter(None, args.only.split(",")))
-    want = (lambda r: not only or r in only)
+
+    def want(r):
+        return not only or r in only
+
     steps_big, steps_small = (5, 20) if args.quick else (30, 300)
     rows = []
     for row, topo in (("dsgd_ring", "ring"), ("dsgd_one_peer", "one_peer_exponential")):
@@ -202,7 +191,7 @@ def main() -> None:
         rows.append({"case": f"hpcopt run: D-SGD ring, 1e5 nodes, {20 if args.quick else 200} steps, 1 rank",
                      "hpcopt": r["wall_s"], "baseline": float("nan"), "ratio": float("nan"),
                      "target": "completes within 24 GiB", "peak_rss_MB": r["peak_rss"] / 1e6,
-                     "returncode": r["returncode"], "message": r["message"], "estimate_note": r["estimate_note"]})
+                     "returncode": r["returncode"], "message": r["message"]})
     print("large networks on one rank")
     for r in rows:
         extra = "".join(f"  {k}={v:.0f}" for k, v in r.items() if k.startswith("peak_rss"))

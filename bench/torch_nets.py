@@ -86,6 +86,7 @@ def profile_top(fn, label: str, rows: int = 12) -> str:
 def vmap_bench(args) -> None:
     import torch
     import torch.nn.functional as F
+
     from hpcopt import data, models
     torch.set_num_threads(args.threads)
     rows, profiles = [], []

@@ -6,10 +6,11 @@ extra node). A rank holds its nodes' rows as one `(local_n, d)` array; `mix`, `m
 
 * `mix(X, W)`: rows of W @ X for this rank's nodes; W is a `topology.Sparse` (CSR; a
   dense array is accepted for small n). From the sparsity of W and the placement a
-  plan (built vectorised over W's entries, O(nnz), no dense n x n array) lists, per peer rank, which local rows it needs and where received
-  rows land; plans are cached per matrix. Messages are Isend/Irecv of row blocks (a
-  view when the rows are contiguous), and the weighted sum is one fused kernel over
-  local rows plus received rows (`Kernels.mix_rows`). Terms are summed in increasing
+  plan (built vectorised over W's entries, O(nnz), no dense n x n array) lists, per peer
+  rank, which local rows it needs and where received rows land; plans are cached per
+  matrix. Messages are Isend/Irecv of row blocks (a view when the rows are contiguous),
+  and the weighted sum is one fused kernel over local rows plus received rows
+  (`Kernels.mix_rows`). Terms are summed in increasing
   global node order, so results do not depend on the number of ranks.
 * `mean(X)`: average of all nodes' rows (local sum, then one Allreduce).
 * `move(X, src, dst)`: row of node src[i] is written to node dst[i] (Teleportation's

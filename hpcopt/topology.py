@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from typing import Dict, Iterable, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 

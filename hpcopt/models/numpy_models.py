@@ -17,8 +17,6 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from ..config import ConfigError
-
 
 def _xp(a):
     if isinstance(a, np.ndarray):

@@ -54,7 +54,8 @@ def test_terms_and_the_key_they_blame():
     assert terms["topology"][0] == (16.0 * 3 + 8) * 1e9 and terms["state"][0] == 4.0 * 1e9 * 4 * 3
     assert terms["minibatch"][0] == 4.0 * 1e9 * 32 * 4  # nodes x batch x features x 4 bytes
     one_peer = cfg_of(nodes={"n": 1000}, topology={"name": "one_peer_exponential"})
-    assert dict((w, b) for w, b, _ in runner.memory_terms(one_peer, 500, 3, None, None))["topology"] == (16.0 * 2 + 8) * 1000 * 10
+    terms = dict((w, b) for w, b, _ in runner.memory_terms(one_peer, 500, 3, None, None))
+    assert terms["topology"] == (16.0 * 2 + 8) * 1000 * 10  # 2 nonzeros per row, 10 phases
     sync = cfg_of(algorithm={"name": "sync_sgd"})
     assert "topology" not in [w for w, _, _ in runner.memory_terms(sync, 2, 3, None, None)]
 
