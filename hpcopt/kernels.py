@@ -373,6 +373,25 @@ def current() -> Optional["Kernels"]:
     return _CURRENT() if _CURRENT is not None else None
 
 
+def _remember(table: dict, a, b, *values) -> tuple:
+    """Store (weakref(a), weakref(b), *values) in `table` under the pair's ids, dropped when
+    either array dies (a new array reusing an id is then checked afresh); arrays without
+    weak references get (a, b as callables, *values), not stored: checked on every call."""
+    key = (id(a), id(b))
+
+    def forget(_ref, key=key):
+        entry = table.get(key)
+        if entry is not None and (entry[0] is _ref or entry[1] is _ref):
+            del table[key]
+
+    try:
+        entry = (weakref.ref(a, forget), weakref.ref(b, forget), *values)
+    except TypeError:
+        return (lambda: a, lambda: b, *values)
+    table[key] = entry
+    return entry
+
+
 class Kernels:
     """Fused update and mixing kernels on one device.
 
@@ -506,17 +525,7 @@ class Kernels:
             return hit[2]
         ok = int(counts.min()) >= 1 and int(starts.min()) >= 0
         end = int((starts + counts).max()) if ok else 1 << 62
-        table = self._gathers
-
-        def forget(_ref, key=key):
-            entry = table.get(key)
-            if entry is not None and (entry[0] is _ref or entry[1] is _ref):
-                del table[key]
-        try:
-            table[key] = (weakref.ref(counts, forget), weakref.ref(starts, forget), end)
-        except TypeError:
-            pass
-        return end
+        return _remember(self._gathers, counts, starts, end)[2]
 
     # -- mixing --------------------------------------------------------------------
     def row_sum(self, out, X, scale: float) -> None:
@@ -599,22 +608,8 @@ class Kernels:
         """
         first, last, monotone = _indptr_bounds(indptr)
         lo, hi = _index_bounds(indices)
-        key = (id(indptr), id(indices))
-        table = self._csr
-
-        def forget(_ref, key=key):
-            entry = table.get(key)
-            if entry is not None and (entry[0] is _ref or entry[1] is _ref):
-                del table[key]
-
-        try:
-            entry = (weakref.ref(indptr, forget), weakref.ref(indices, forget),
-                     first >= 0 and last <= indices.shape[0] and monotone and lo >= 0, hi)
-        except TypeError:  # no weak references: checked on every call
-            return (lambda: indptr, lambda: indices, first >= 0 and last <= indices.shape[0] and monotone
-                    and lo >= 0, hi)
-        table[key] = entry
-        return entry
+        return _remember(self._csr, indptr, indices,
+                         first >= 0 and last <= indices.shape[0] and monotone and lo >= 0, hi)
 
     def _mix_error(self, arrays) -> ValueError:
         """The first thing wrong with mix_rows' arguments (built only on failure)."""
