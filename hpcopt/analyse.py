@@ -109,17 +109,58 @@ def format_table(rows: List[dict], columns=COLUMNS) -> str:
     return "\n".join(out)
 
 
+def node_ids(run: dict, width: int) -> np.ndarray:
+    """The node of each per-node column: /node_ids (run.node_metrics: sample) or 0..width-1."""
+    ids = run.get("node_ids")
+    return np.arange(width) if ids is None or len(ids) != width else np.asarray(ids)
+
+
+def node_stats(run: dict, group: str, name: str):
+    """(rows, len(NODE_STATS)) distribution of a per-node quantity: the stored
+    `<name>_stats` (over all nodes, or the evaluated sample for test metrics), else
+    computed from the per-node column of an older run file; None if neither exists."""
+    from .metrics import node_stats as compute
+    g = run.get(group, {})
+    if f"{name}_stats" in g and len(g[f"{name}_stats"]):
+        return np.asarray(g[f"{name}_stats"], float)
+    if name in g and len(g[name]) and np.ndim(g[name]) == 2:
+        return compute(g[name])
+    return None
+
+
+NODE_QUANTITIES = (("metrics", "train_loss", "train loss (minibatch)"), ("eval", "node_test_loss", "test loss"),
+                   ("eval", "node_test_accuracy", "test accuracy"), ("diag", "node_weight_dev", "weight deviation"))
+
+
+def spread_table(run: dict) -> str:
+    """The last row's distribution over nodes of each per-node quantity the run recorded."""
+    from .metrics import NODE_STATS
+    rows = []
+    for group, name, title in NODE_QUANTITIES:
+        st = node_stats(run, group, name)
+        if st is not None:
+            sampled = group == "eval" and run.get("node_ids") is not None  # evaluated on the sample only
+            rows.append({"what": title + (" (the sample)" if sampled else ""), **dict(zip(NODE_STATS, st[-1]))})
+    if not rows:
+        return "no per-node quantities recorded"
+    cols = [("what", "over nodes (last row)", "{}")] + [(k, k, "{:.4g}") for k in NODE_STATS]
+    return format_table(rows, cols)
+
+
 def per_node_table(run: dict) -> str:
     e = run["eval"]
+    mode = run.get("attrs", {}).get("node_metrics", "all")
     if "node_test_loss" not in e or not len(e["node_test_loss"]):
-        return "no evaluation yet"
+        why = ("per-node columns not kept (run.node_metrics: none)" if mode == "none" and "step" in e
+               and len(e["step"]) else "no evaluation yet")
+        return why + "\n" + spread_table(run)
     loss, acc = e["node_test_loss"][-1], e["node_test_accuracy"][-1]
-    rows = [{"node": i, "test_loss": float(loss[i]), "test_acc": float(acc[i])} for i in range(len(loss))]
+    ids = node_ids(run, len(loss))
+    rows = [{"node": int(i), "test_loss": float(lo), "test_acc": float(a)} for i, lo, a in zip(ids, loss, acc)]
     cols = [("node", "node", "{}"), ("test_loss", "test loss", "{:.4g}"), ("test_acc", "test acc", "{:.4f}")]
-    spread = (f"spread: accuracy {np.nanmin(acc):.4f}..{np.nanmax(acc):.4f}, "
-              f"loss {np.nanmin(loss):.4g}..{np.nanmax(loss):.4g}") if not np.all(np.isnan(acc)) else \
-        f"spread: loss {np.nanmin(loss):.4g}..{np.nanmax(loss):.4g}"
-    return format_table(rows, cols) + "\n" + spread
+    head = (f"the {len(ids)} nodes of the fixed sample (run.node_metrics: sample; test metrics evaluated on "
+            f"these only)\n" if run.get("node_ids") is not None else "")
+    return head + format_table(rows, cols) + "\n" + spread_table(run)
 
 
 def per_rank_table(run: dict) -> str:

@@ -165,6 +165,13 @@ class Noise(str, enum.Enum):
     matched = "matched"
 
 
+class NodeMetrics(str, enum.Enum):
+    auto = "auto"
+    all = "all"
+    sample = "sample"
+    none = "none"
+
+
 class KernelMode(str, enum.Enum):
     auto = "auto"
     compiled = "compiled"
@@ -195,6 +202,13 @@ class RunCfg:
                                        "this multiple of its mean over the first 10 steps (0: only on non-finite loss)",
                                   ge=0)
     progress: bool = _f(True, "print a progress line with ETA on rank 0")
+    node_metrics: NodeMetrics = _f(NodeMetrics.auto, "per-node columns in run.h5: all (every node), sample (the "
+                                                     "run.node_sample nodes of a fixed random sample; per-node "
+                                                     "test evaluation of those only), none (no per-node columns "
+                                                     "or per-node evaluation); every mode also writes <name>_stats "
+                                                     "(mean, std, min, max, quantiles); auto: all up to 1024 nodes, "
+                                                     "sample above")
+    node_sample: int = _f(1024, "nodes in the fixed sample of run.node_metrics: sample", gt=0)
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,63 @@ def top_eigenvalue(ctx, xbar, batch, L: int, count: float, iters: int, seed: int
             break
         v = hv / norm
     return lam
+
+
+# ---------------------------------------------------------------------------------------
+# per-node columns of run.h5 (run.node_metrics)
+
+NODE_STATS = ("mean", "std", "min", "max", "q05", "q25", "q50", "q75", "q95")
+_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
+NODE_COLUMNS = ("train_loss", "node_test_loss", "node_test_accuracy", "node_weight_dev")  # (rows, n) each
+ALL_UP_TO = 1024  # run.node_metrics: auto keeps every node's column up to this many nodes
+
+
+def node_mode(cfg_run, n: int) -> str:
+    """The resolved run.node_metrics: auto is `all` up to ALL_UP_TO nodes, else `sample`."""
+    mode = cfg_run.node_metrics.value
+    if mode == "auto":
+        mode = "all" if n <= ALL_UP_TO else "sample"
+    return mode
+
+
+def node_sample(n: int, size: int, seed: int) -> np.ndarray:
+    """The fixed sample of run.node_metrics: sample: `size` distinct node ids (all of them
+    when size >= n), sorted, drawn from a stream keyed by the run seed alone, so the same
+    config gives the same nodes on any number of ranks and across resumes."""
+    if size >= n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.Generator(np.random.PCG64([int(seed) % 2 ** 64, 0x6E6F6465]))
+    return np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
+
+
+def node_stats(values) -> np.ndarray:
+    """(rows, n) per-node values -> (rows, len(NODE_STATS)): mean, std, min, max and the
+    5/25/50/75/95% quantiles (linear interpolation) over each row's finite entries, so
+    nodes that hold no model (NaN: Teleportation's idle nodes, unevaluated nodes) stay
+    out; a row with no finite entry is all NaN."""
+    v = np.asarray(values, np.float64)
+    v = v.reshape(len(v), -1)
+    out = np.full((len(v), len(NODE_STATS)), np.nan)
+    for i, row in enumerate(v):
+        row = row[np.isfinite(row)]
+        if row.size:
+            out[i, :4] = row.mean(), row.std(), row.min(), row.max()
+            out[i, 4:] = np.quantile(row, _LEVELS)
+    return out
+
+
+def node_columns(columns: Dict[str, np.ndarray], names, mode: str, ids) -> Dict[str, np.ndarray]:
+    """The run.h5 columns of one append: for each per-node column in `names` ((rows, n)
+    arrays over ALL nodes) add `<name>_stats` (over all nodes, `node_stats`) and keep the
+    column itself whole (`all`), its `ids` columns (`sample`) or nothing (`none`)."""
+    out = dict(columns)
+    for name in names:
+        if name not in out:
+            continue
+        values = np.asarray(out[name])
+        out[f"{name}_stats"] = node_stats(values)
+        if mode == "none":
+            del out[name]
+        elif mode == "sample":
+            out[name] = values[:, ids]
+    return out

@@ -7,6 +7,8 @@ Written files:
   test_accuracy_time.png, test_loss_time.png     the same against wall time
   consensus_distance.png         mean_i ||x_i - x_bar||^2 against step
   time_per_rank.png              compute and communication seconds of every rank
+  nodes_<quantity>.png           spread over nodes (median, 25-75%, 5-95%) of the training
+                                 loss, the nodes' test loss and accuracy, weight deviation
   <group>_<name>.png             every other quantity a method records (one line per run;
                                  per-node or per-rank arrays are averaged over the axis)
 """
@@ -90,8 +92,43 @@ def _time_bars(plt, path, runs, labels):
     return path
 
 
+def _spread_plot(plt, path, runs, labels, group, name, title):
+    """Median over nodes with the 25-75% and 5-95% bands, one colour per run (from the
+    stored `<name>_stats`, or computed from the per-node column of an older run file)."""
+    from .analyse import node_stats
+    from .metrics import NODE_STATS
+    col = {k: i for i, k in enumerate(NODE_STATS)}
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    drawn = 0
+    for k, (run, label) in enumerate(zip(runs, labels)):
+        st = node_stats(run, group, name)
+        if st is None:
+            continue
+        x = np.asarray(run[group]["step"], float)[:len(st)]
+        ok = np.isfinite(st[:, col["q50"]])
+        if not ok.any():
+            continue
+        colour = f"C{k % 10}"
+        ax.plot(x[ok], st[ok, col["q50"]], color=colour, linewidth=1.4, label=f"{label} (median)")
+        ax.fill_between(x[ok], st[ok, col["q25"]], st[ok, col["q75"]], color=colour, alpha=0.3, linewidth=0)
+        ax.fill_between(x[ok], st[ok, col["q05"]], st[ok, col["q95"]], color=colour, alpha=0.12, linewidth=0)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel(title)
+    ax.set_title(f"{title} over nodes: median, 25-75% and 5-95% bands", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_all(runs: Sequence[dict], labels: Sequence[str], out_dir: str) -> List[str]:
-    from .analyse import eval_wall
+    from .analyse import NODE_QUANTITIES, eval_wall
     plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
     written: List[str] = []
@@ -122,11 +159,13 @@ def write_all(runs: Sequence[dict], labels: Sequence[str], out_dir: str) -> List
     keep(_line_plot(plt, os.path.join(out_dir, "consensus_distance.png"), series("eval", "consensus_distance"),
                     "step", "consensus distance", logy=True))
     keep(_time_bars(plt, os.path.join(out_dir, "time_per_rank.png"), runs, labels))
+    for group, name, title in NODE_QUANTITIES:
+        keep(_spread_plot(plt, os.path.join(out_dir, f"nodes_{name}.png"), runs, labels, group, name, title))
     extra: Dict[str, set] = {"metrics": set(), "eval": set(), "diag": set()}
     for run in runs:
         for group in extra:
             extra[group] |= {k for k, v in run[group].items() if k not in STANDARD[group]
-                             and np.asarray(v).dtype.kind in "fiu"}
+                             and not k.endswith("_stats") and np.asarray(v).dtype.kind in "fiu"}
     for group, names in extra.items():
         for name in sorted(names):
             keep(_line_plot(plt, os.path.join(out_dir, f"{group}_{name}.png"), series(group, name), "step", name))

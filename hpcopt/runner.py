@@ -412,6 +412,9 @@ class Runner:
                                 blocking_bytes=cfg.comm.blocking_bytes)
         self.stop.speak = comm.rank == 0
         self.faults.at_step(-1, comm.rank)
+        self.node_mode = metrics.node_mode(cfg.run, n)  # per-node columns of run.h5
+        self.node_ids = (metrics.node_sample(n, cfg.run.node_sample, cfg.run.seed) if self.node_mode == "sample"
+                         else None)
         # memory: refuse what cannot fit before it is allocated (the topology and generated
         # data from the config alone, then the model once the data's shape is known)
         shape = data_shape(cfg)
@@ -504,6 +507,8 @@ class Runner:
             "kernels_note": self.kernels.note, "kernel_threads": self.kernels.threads,
             "algorithm": self.cfg.algorithm.name.value, "model": self.model.kind, "dim": self.model.d,
             "dataset": self.dataset.name, "git": _git_describe(), "created": time.time(),
+            "node_metrics": self.node_mode,
+            "node_columns": c.n if self.node_ids is None else len(self.node_ids),
         }
 
     # ---------------------------------------------------------------------------------
@@ -559,7 +564,8 @@ class Runner:
                     os.remove(self.rf.path)
             self.continued = self.rf.exists()  # a run of an earlier session is continued
             if not self.continued:
-                self.rf.create(self.config_text, self.attrs())
+                self.rf.create(self.config_text, self.attrs(),
+                               {} if self.node_ids is None else {"node_ids": self.node_ids})
             for why in skipped:
                 self.say(f"hpcopt: {why}; skipped")
                 self.rf.event(-1, "checkpoint_skipped", why)
@@ -637,7 +643,9 @@ class Runner:
 
         Algorithms where only some nodes hold models (Teleportation's tokens) give
         `active_rows(ctx, state, step)`; the other nodes get NaN and stay out of the
-        consensus distance.
+        consensus distance. Per-node evaluation covers the nodes whose columns are kept
+        (run.node_metrics: all nodes, the sample, or none): at 10^5 nodes evaluating every
+        node on the whole test set would cost far more than the training.
         """
         c, xp = self.comm, self.backend.xp
         X = self.algo.node_params(self.ctx, state)
@@ -647,15 +655,20 @@ class Runner:
         Xa = X[xp.asarray(np.nonzero(mask)[0])] if not mask.all() else X
         sq, holders = c.allreduce_scalars([metrics.sq_dist_sum(Xa, xbar), float(mask.sum())])
         cd = sq / max(1.0, holders)
-        node_loss = np.full(X.shape[0], np.nan)
-        node_acc = np.full(X.shape[0], np.nan)
-        if mask.any():
-            w_test = xp.broadcast_to(self.w_test, (Xa.shape[0], self.w_test.shape[1]))
-            node_loss[mask] = self.backend.to_host(self.model.loss(Xa, self.X_test, self.y_test, w_test))
-            node_acc[mask] = self.backend.to_host(self.model.accuracy(Xa, self.X_test, self.y_test))
-        per_node = c.allgather_nodes(np.stack([node_loss, node_acc], axis=1))
-        row = {"step": np.array([step], np.int64), "consensus_distance": np.array([cd]),
-               "node_test_loss": per_node[None, :, 0], "node_test_accuracy": per_node[None, :, 1]}
+        row = {"step": np.array([step], np.int64), "consensus_distance": np.array([cd])}
+        if self.node_mode != "none":
+            if self.node_ids is not None:  # only the sampled nodes of this rank
+                mask &= np.isin(np.arange(c.lo, c.hi), self.node_ids)
+                Xa = X[xp.asarray(np.nonzero(mask)[0])]
+            node_loss = np.full(X.shape[0], np.nan)
+            node_acc = np.full(X.shape[0], np.nan)
+            if mask.any():
+                w_test = xp.broadcast_to(self.w_test, (Xa.shape[0], self.w_test.shape[1]))
+                node_loss[mask] = self.backend.to_host(self.model.loss(Xa, self.X_test, self.y_test, w_test))
+                node_acc[mask] = self.backend.to_host(self.model.accuracy(Xa, self.X_test, self.y_test))
+            per_node = c.allgather_nodes(np.stack([node_loss, node_acc], axis=1))
+            row.update(node_test_loss=per_node[None, :, 0], node_test_accuracy=per_node[None, :, 1])
+            row = self.node_columns(row)
         if c.rank == 0:
             xb = xbar[None, :]
             row["test_loss"] = np.array([float(self.backend.to_host(self.model.loss(xb, self.X_test, self.y_test,
@@ -663,6 +676,10 @@ class Runner:
             row["test_accuracy"] = np.array([float(self.backend.to_host(
                 self.model.accuracy(xb, self.X_test, self.y_test))[0])])
         return row
+
+    def node_columns(self, columns: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Per-node columns as run.node_metrics keeps them, with their `<name>_stats`."""
+        return metrics.node_columns(columns, metrics.NODE_COLUMNS, self.node_mode, self.node_ids)
 
     # ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -913,7 +930,7 @@ class Runner:
             if c.rank == 0:
                 rows = len(buf["step"])
                 pr = per_rank.reshape(c.size, rows, 4 + len(ops)).transpose(1, 0, 2)
-                self.rf.append("metrics", {
+                self.rf.append("metrics", self.node_columns({
                     "step": np.array(buf["step"], np.int64), "lr": np.array(buf["lr"]),
                     "wall": np.array(buf["wall"]), "train_loss": per_node,
                     "train_loss_mean": _active_mean(per_node, held > 0),
@@ -921,7 +938,7 @@ class Runner:
                     **{f"bytes_{op}": pr[:, :, 3 + i] for i, op in enumerate(ops)},
                     "wait_seconds": pr[:, :, 3 + len(ops)],
                     **{k: _column([row.get(k) for row in buf["extra"]]) for k in extra_names},
-                })
+                }))
             for v in buf.values():
                 v.clear()
 
@@ -974,9 +991,10 @@ class Runner:
             if cfg.diagnostics.every and done % cfg.diagnostics.every == 0:
                 diag = metrics.diagnose(self.ctx, self.algo, state, done, lr)
                 if c.rank == 0:
-                    self.rf.append("diag", {"step": np.array([done], np.int64),
-                                            **{k: np.array([v]) if np.ndim(v) == 0 else np.asarray(v)[None, :]
-                                               for k, v in diag.items()}})
+                    self.rf.append("diag", self.node_columns(
+                        {"step": np.array([done], np.int64),
+                         **{k: np.array([v]) if np.ndim(v) == 0 else np.asarray(v)[None, :]
+                            for k, v in diag.items()}}))
             if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < T:
                 last_eval = self.evaluate(state, done)
                 if c.rank == 0:

@@ -192,12 +192,17 @@ class RunFile:
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, RUN_FILE)
 
-    def create(self, config_text: str, attrs: Dict[str, object]) -> None:
+    def create(self, config_text: str, attrs: Dict[str, object],
+               arrays: Optional[Dict[str, np.ndarray]] = None) -> None:
+        """A new run.h5: /config with the run's attributes, the empty groups, and the
+        given top-level arrays (e.g. /node_ids, the nodes of run.node_metrics: sample)."""
         tmp = self.path + ".tmp"
         with h5py.File(tmp, "w", locking=False) as f:
             ds = f.create_dataset("config", data=config_text, dtype=h5py.string_dtype())
             for k, v in attrs.items():
                 ds.attrs[k] = v
+            for k, v in (arrays or {}).items():
+                f.create_dataset(k, data=np.asarray(v))
             for g in ("metrics", "eval", "events", "summary"):
                 f.create_group(g)
         os.replace(tmp, self.path)
@@ -374,6 +379,8 @@ def _read(path: str, out: dict) -> dict:
         for group in ("metrics", "eval", "events", "diag"):
             g = f.get(group)
             out[group] = {k: _plain(g[k][()]) for k in g} if g is not None else {}
+        ids = f.get("node_ids")  # run.node_metrics: sample; otherwise the columns are nodes 0..n-1
+        out["node_ids"] = ids[()] if isinstance(ids, h5py.Dataset) else None
         s = f.get("summary")
         out["summary"] = {k: _plain(v) for k, v in s.attrs.items()} if s is not None else {}
         t = f.get("tables")
