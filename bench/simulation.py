@@ -13,7 +13,8 @@ each step) from the end of the first step to the end of the last, so set-up, the
 (warm-up) step and the final evaluation of every node on the test set are left out, as
 the baseline loops have none of them. `--profile` adds where one step's time goes
 (microseconds per call of each part of a D-SGD step at 256 nodes, measured in isolation:
-keyed minibatch gather, loss/gradient, mix, update).
+the fused keyed minibatch loss/gradient pass the step uses, and for comparison the
+unfused keyed gather then NumPy loss/gradient; mix; update).
 """
 from __future__ import annotations
 
@@ -126,8 +127,10 @@ def breakdown(n: int = 256, calls: int = 2000) -> dict:
             for i in range(calls):
                 fn(i)
             return (time.perf_counter() - t0) / calls * 1e6
-        parts = {"minibatch gather": timed(lambda i: ctx.data.batch(i)),
-                 "loss + gradient": timed(lambda i: ctx.model.loss_grad(state.X, A, y, w)),
+        parts = {"fused keyed minibatch + loss + gradient": timed(
+                     lambda i: ctx.data.linear_loss_grad(ctx.model, state.X, i)),
+                 "(unfused: minibatch gather": timed(lambda i: ctx.data.batch(i)),
+                 "then NumPy loss + gradient)": timed(lambda i: ctx.model.loss_grad(state.X, A, y, w)),
                  "mix": timed(lambda i: ctx.comm.mix(state.X, W, out=out)),
                  "update": timed(lambda i: ctx.kernels.sgd(out, G, 0.0)),
                  "whole step": timed(lambda i: r.algo.step(ctx, state, i, 0.0))}

@@ -639,6 +639,7 @@ class NodeData:
         self._flat_X = xp.asarray(ds.X_train[rows].astype(dtype, copy=False))
         self._flat_y = xp.asarray(ds.y_train[rows])
         self._full_cache = None
+        self._flat_y32 = None  # float32 targets for keyed_linear_loss_grad, made on first use
         self._w = xp.full((len(self.nodes), batch_size), 1.0 / max(1, batch_size), dtype=dtype)
         self.augment = bool(augment)
         self.shape = tuple(shape) if shape is not None else ds.shape
@@ -712,6 +713,34 @@ class NodeData:
         k.keyed_gather(A, flat, self._flat_X, keys, steps, self.counts if whole else np.ascontiguousarray(counts),
                        self._starts1 if whole else np.ascontiguousarray(self._starts1[sel]))
         return A, self._flat_y.take(flat)
+
+    def linear_loss_grad(self, model, X, step: int):
+        """(loss, G) of a quadratic or logistic LinearModel X (all local nodes) on the
+        minibatch `batch(step)` would give, in one compiled pass that reads the sample rows
+        where they lie (keyed_linear_loss_grad: the same draws, no batch copy; the same bits
+        with the NumPy-reference kernels); None where that does not apply (other models,
+        whole-data batches, augmentation, GPU arrays, other dtypes or layouts): the caller
+        then gathers the batch and calls the model."""
+        kind = getattr(model, "kind", None)
+        if (kind not in ("quadratic", "logistic") or getattr(model, "k", 0) != 1 or not self.batch_size
+                or self.augment or self.xp is not np or not isinstance(X, np.ndarray) or X.dtype != np.float32
+                or not X.flags.c_contiguous or X.shape != (len(self.nodes), model.d)
+                or self._flat_X.dtype != np.float32 or not self._flat_X.flags.c_contiguous or self._flat_X.ndim != 2):
+            return None
+        from . import kernels as kernels_mod
+        k = self._kernels if self._kernels is not None else kernels_mod.current()
+        if k is None or k.impl not in ("cpu", "numpy"):
+            return None
+        if self._flat_y32 is None:
+            self._flat_y32 = np.ascontiguousarray(self._flat_y, dtype=np.float32)
+        keys = _node_keys(self.seed, 0, self.nodes).reshape(-1).view(np.int64)
+        steps = np.asarray(step, np.uint64).reshape(1).view(np.int64)
+        loss = np.empty(len(self.nodes), np.float32)
+        G = np.empty(X.shape, np.float32)
+        k.keyed_linear_loss_grad(loss, G, X, self._flat_X, self._flat_y32, keys, steps, self.counts, self._starts1,
+                                 self.batch_size, float(self._w[0, 0]) if self._w.size else 0.0, model.l2,
+                                 kind == "logistic")
+        return loss, G
 
     def batch_indices(self, step: int, stream: int = 0, rows=None) -> np.ndarray:
         sel = slice(None) if rows is None else np.asarray(rows)

@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 F32 = np.float32
-KERNEL_FILES = ("fused_update.cu", "mix_rows.cu", "keyed_gather.cu")
+KERNEL_FILES = ("fused_update.cu", "mix_rows.cu", "keyed_gather.cu", "linear_loss_grad.cu")
 CPU_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off",
              "-fPIC", "-shared", "-std=c++14", "-x", "c++")
 
@@ -42,6 +42,7 @@ SIGNATURES: Dict[str, str] = {
     "scaled_update": "pppfffn",
     "mix_rows": "pppnqqpnn",
     "keyed_gather": "pqpnqqnqqnn",
+    "keyed_linear_loss_grad": "pppppqqnqqffnnnn",
 }
 
 
@@ -149,6 +150,82 @@ def ref_keyed_gather(A, idx, X, keys, steps, step_stride, counts, starts):
     flat = (bits % np.asarray(counts).view(np.uint64)[:, None]).view(np.int64) + np.asarray(starts)[:, None]
     idx[...] = flat
     A[...] = X[flat]
+
+
+_LANES = 8  # partial sums of the dot product in linear_loss_grad.cu
+_EXP_TAYLOR = ("0.0001984127", "0.0013888889", "0.008333334", "0.041666668", "0.16666667", "0.5", "1.0", "1.0")
+_ATANH_SERIES = ("0.05882353", "0.06666667", "0.07692308", "0.09090909", "0.11111111", "0.14285715", "0.2",
+                 "0.33333334", "1.0")
+
+
+def ref_exp_nonpos(x):
+    """linear_loss_grad.cu's exp(x) for x <= 0, in the same float32 operations."""
+    f32 = np.float32
+    with np.errstate(over="ignore", invalid="ignore"):
+        n = np.rint(x * f32(1.442695))
+        r = (x - n * f32(0.6933594)) - n * f32(-0.00021219444)
+        p = np.full_like(x, f32(_EXP_TAYLOR[0]))
+        for c in _EXP_TAYLOR[1:]:
+            p = p * r + f32(c)
+        e = np.ldexp(p, np.nan_to_num(n, nan=0.0).astype(np.int32))
+    return np.where(x < f32(-87.0), f32(0.0), e).astype(f32, copy=False)
+
+
+def ref_log1p_unit(e):
+    """linear_loss_grad.cu's log1p(e) for 0 <= e <= 1, in the same float32 operations."""
+    f32 = np.float32
+    s = e / (f32(2.0) + e)
+    q = s * s
+    p = np.full_like(e, f32(_ATANH_SERIES[0]))
+    for c in _ATANH_SERIES[1:]:
+        p = p * q + f32(c)
+    return (f32(2.0) * s) * p
+
+
+def ref_linear_loss_grad(loss, G, X, A, y, w, l2, logistic):
+    """The linear models' per-node loss and gradient on gathered minibatches A (L, B, f),
+    y and w (L, B), in linear_loss_grad.cu's float32 operations and order (8-lane dot
+    product, samples in order); writes loss (L,) and G (L, d)."""
+    L, B, f = A.shape
+    f32 = np.float32
+    lanes = np.zeros((L, B, _LANES), f32)
+    x = X[:, :f]
+    for t0 in range(0, f, _LANES):
+        m = min(_LANES, f - t0)
+        lanes[..., :m] += x[:, None, t0:t0 + m] * A[..., t0:t0 + m]
+    s = lanes
+    z = ((s[..., 0] + s[..., 1]) + (s[..., 2] + s[..., 3])) + ((s[..., 4] + s[..., 5]) + (s[..., 6] + s[..., 7]))
+    y = y.astype(f32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if logistic:
+            z = z + X[:, f:f + 1]
+            e = ref_exp_nonpos(-np.abs(z))
+            sp = np.where(z > 0, z, f32(0)) + ref_log1p_unit(e)
+            lj = sp - y * z
+            dz = np.where(z >= 0, f32(1), e) / (f32(1) + e) - y
+        else:
+            res = z - y
+            lj = f32(0.5) * (res * res)
+            dz = res
+    c = w * dz
+    total = np.zeros(L, f32)
+    g = np.zeros((L, f), f32)
+    gb = np.zeros(L, f32)
+    for j in range(B):
+        total = total + w[:, j] * lj[:, j]
+        g = g + c[:, j, None] * A[:, j]
+        gb = gb + c[:, j]
+    G[:, :f] = g
+    if logistic:
+        G[:, f] = gb
+    if l2:
+        l2 = f32(l2)
+        sq = np.zeros(L, f32)
+        for u in range(X.shape[1]):
+            sq = sq + X[:, u] * X[:, u]
+        G += l2 * X
+        total = total + (f32(0.5) * l2) * sq
+    loss[...] = total
 
 
 def _xp(a) -> Any:
@@ -315,6 +392,7 @@ ARRAYS: Dict[str, Tuple[str, ...]] = {
     "scaled_update": ("x", "g", "d"),
     "mix_rows": ("out", "local", "remote", "indptr", "indices", "weights"),
     "keyed_gather": ("A", "idx", "X", "keys", "steps", "counts", "starts"),
+    "keyed_linear_loss_grad": ("loss", "G", "X", "data", "y", "keys", "steps", "counts", "starts"),
 }
 _F32 = np.dtype(np.float32)
 _I64 = np.dtype(np.int64)
@@ -526,6 +604,47 @@ class Kernels:
         ok = int(counts.min()) >= 1 and int(starts.min()) >= 0
         end = int((starts + counts).max()) if ok else 1 << 62
         return _remember(self._gathers, counts, starts, end)[2]
+
+    # -- linear models -------------------------------------------------------------
+    def keyed_linear_loss_grad(self, loss, G, X, data, y, keys, steps, counts, starts, B: int, w: float,
+                               l2: float, logistic: bool) -> None:
+        """Per-node loss (rows,) and gradient (rows, d) of the quadratic (logistic False,
+        d = f) or logistic (d = f + 1, the bias last) model X (rows, d) on the keyed
+        minibatch of B samples that keyed_gather draws from `data` (N, f), targets y (N,)
+        float32, every sample weighted w (see linear_loss_grad.cu); keys, steps, counts
+        and starts as for keyed_gather. Everything is checked before any call into C."""
+        arrays = (loss, G, X, data, y, keys, steps, counts, starts)
+        for name, a, dt in zip(ARRAYS["keyed_linear_loss_grad"], arrays, (F32,) * 5 + (_I64,) * 4):
+            if not hasattr(a, "dtype") or not hasattr(a, "flags"):
+                raise ValueError(f"kernel argument keyed_linear_loss_grad.{name} must be a C-contiguous "
+                                 f"{np.dtype(dt).name} array, got {type(a).__name__}")
+            _check("keyed_linear_loss_grad", name, a, dt)
+        rows = X.shape[0] if X.ndim == 2 else -1
+        f = data.shape[1] if data.ndim == 2 else -1
+        d = f + (1 if logistic else 0)
+        if (rows < 0 or f < 0 or B < 1 or X.shape != (rows, d) or G.shape != (rows, d) or loss.shape != (rows,)
+                or y.shape != (data.shape[0],) or keys.shape != (rows,) or counts.shape != (rows,)
+                or starts.shape != (rows,) or steps.shape not in ((rows,), (1,))):
+            raise ValueError(f"kernel keyed_linear_loss_grad: shapes loss {loss.shape}, G {G.shape}, X {X.shape}, "
+                             f"data {data.shape}, y {y.shape}, keys {keys.shape}, steps {steps.shape}, counts "
+                             f"{counts.shape}, starts {starts.shape} do not fit (rows, d = f"
+                             f"{' + 1' if logistic else ''}) with B = {B} >= 1")
+        if rows and self._gather_end(counts, starts) > data.shape[0]:
+            raise ValueError(f"kernel keyed_linear_loss_grad: every row needs counts >= 1 and 0 <= starts, "
+                             f"starts + counts <= {data.shape[0]} (rows of data)")
+        stride = 0 if steps.shape == (1,) and rows != 1 else 1
+        if self.impl == "numpy" or not rows:
+            A = np.empty((rows, B, f), np.float32)
+            idx = np.empty((rows, B), np.int64)
+            ref_keyed_gather(A, idx, data, keys, steps, stride, counts, starts)
+            ref_linear_loss_grad(loss, G, X, A, y[idx], np.full((rows, B), w, np.float32), l2, logistic)
+        elif self.impl == "cpu":
+            self._lib.call("keyed_linear_loss_grad", [loss, G, X, data, y, keys, steps, stride, counts, starts,
+                                                      F32(w), F32(l2), rows, B, f, int(logistic)])
+        else:
+            self._lib.call("keyed_linear_loss_grad", [loss, G, X, data, y, keys, steps, np.int64(stride), counts,
+                                                      starts, F32(w), F32(l2), np.int64(rows), np.int64(B),
+                                                      np.int64(f), np.int64(logistic)], rows)
 
     # -- mixing --------------------------------------------------------------------
     def row_sum(self, out, X, scale: float) -> None:

@@ -35,6 +35,14 @@ static const hpcopt_dim3 gridDim = {1u, 1u, 1u};
     HPCOPT_PRAGMA(omp parallel for simd schedule(static) if((long long)(n) >= HPCOPT_PARALLEL_MIN)) \
     for (long long i = 0; i < (long long)(n); ++i)
 
+// Row loop of kernels that walk a row's own inner loops (keyed_gather, linear_loss_grad):
+// an OpenMP loop WITHOUT `simd` (the inner loops would otherwise be vectorised across
+// rows into gathers and scatters, several times slower), in parallel once `work`
+// elements reach HPCOPT_PARALLEL_MIN.
+#define HPCOPT_ROW_LOOP(i, n, work) \
+    HPCOPT_PRAGMA(omp parallel for schedule(static) if((long long)(work) >= HPCOPT_PARALLEL_MIN)) \
+    for (long long i = 0; i < (long long)(n); ++i)
+
 // Row x column-tile loop: threads share out (row, tile) pieces in contiguous runs; a
 // tile is up to HPCOPT_TILE columns, processed by plain (vectorised) inner loops.
 #define HPCOPT_TILE 1024

@@ -8,17 +8,11 @@
 //   A[e, :] = X[idx[e], :]
 // keys[r] is data._node_keys(seed, stream, node of row r); all integer arithmetic wraps
 // modulo 2^64, so the indices equal data.keyed_ints' bit for bit, and the rows are copies.
-// Row loop: a grid-stride loop on the GPU; on the CPU an OpenMP loop WITHOUT `simd` (the
-// rows' inner loops would otherwise be vectorised across rows into gathers and scatters,
-// several times slower), in parallel from HPCOPT_PARALLEL_MIN samples on (waking threads costs more below).
+// Row loop: a grid-stride loop on the GPU; on the CPU cpu_shim.h's HPCOPT_ROW_LOOP.
 #ifndef HPCOPT_CPU_SHIM
 #define HPCOPT_ROW_LOOP(i, n, work) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \
          i += (long long)blockDim.x * gridDim.x)
-#else
-#define HPCOPT_ROW_LOOP(i, n, work) \
-    HPCOPT_PRAGMA(omp parallel for schedule(static) if((long long)(work) >= HPCOPT_PARALLEL_MIN)) \
-    for (long long i = 0; i < (long long)(n); ++i)
 #endif
 
 __device__ __forceinline__ unsigned long long hpcopt_mix64(unsigned long long z) {

@@ -38,6 +38,17 @@ def spare_buffer(ctx, key: str, X):
     return buf
 
 
+def batch_loss_grad(ctx, X, t: int):
+    """(loss, G) of the local nodes' models X on their minibatches of step t: one fused pass
+    for the linear models where the sampler allows it (NodeData.linear_loss_grad), else the
+    gathered batch through the model."""
+    fused = ctx.data.linear_loss_grad(ctx.model, X, t)
+    if fused is not None:
+        return fused
+    A, y, w = ctx.data.batch(t)
+    return ctx.model.loss_grad(X, A, y, w)
+
+
 def retire(ctx, key: str, X) -> None:
     """Hand X back as the next step's spare buffer."""
     ctx.workspace[key] = X

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import models, optim
-from . import retire, spare_buffer
+from . import batch_loss_grad, retire, spare_buffer
 
 SHARDED = ("X", "M")
 
@@ -46,28 +46,27 @@ def average(ctx, state: State):
 def step(ctx, state: State, t: int, lr: float):
     W = ctx.topology.sparse(t)  # one CSR matrix per phase: comm builds its plan once per phase
     comm = ctx.comm
-    A, y, w = ctx.data.batch(t)
     opt = ctx.cfg.optimizer
     out = spare_buffer(ctx, "dsgd_spare", state.X)
     if ctx.cfg.algorithm.order.value == "adapt_then_combine":
-        loss, G = ctx.model.loss_grad(state.X, A, y, w)
+        loss, G = batch_loss_grad(ctx, state.X, t)
         optim.apply(ctx.kernels, state.X, G, state.M, lr, opt)
         X = comm.mix(state.X, W, out=out)
     elif models.buffer_dim(ctx.model):
         # BatchNorm statistics are updated in place in state.X by the gradient pass, so it
         # runs before the mix (and never while state.X is a send buffer): the nodes then mix
         # their updated statistics with the same W as the parameters
-        loss, G = ctx.model.loss_grad(state.X, A, y, w)
+        loss, G = batch_loss_grad(ctx, state.X, t)
         X = comm.mix(state.X, W, out=out)
         optim.apply(ctx.kernels, X, G, state.M, lr, opt)
     else:
         if ctx.cfg.algorithm.overlap:
             pending = comm.mix_begin(state.X, W)
-            loss, G = ctx.model.loss_grad(state.X, A, y, w)
+            loss, G = batch_loss_grad(ctx, state.X, t)
             X = comm.mix_end(pending, out=out)
         else:
             X = comm.mix(state.X, W, out=out)
-            loss, G = ctx.model.loss_grad(state.X, A, y, w)
+            loss, G = batch_loss_grad(ctx, state.X, t)
         optim.apply(ctx.kernels, X, G, state.M, lr, opt)
     retire(ctx, "dsgd_spare", state.X)
     return State(X, state.M), {"loss": loss}

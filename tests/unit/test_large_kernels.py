@@ -105,3 +105,101 @@ def test_shared_data_evaluation_in_node_chunks_changes_no_bit(kind, classes):
     assert len(m._chunks(X, A)) > 10
     assert np.array_equal(m.loss(X, A, y, w), whole[0])
     assert np.array_equal(m.accuracy(X, A, y), whole[1], equal_nan=True)
+
+
+def _keyed_case(rng, rows, f, N=400, logistic=True):
+    data_ = rng.standard_normal((N, f)).astype(np.float32)
+    y = (rng.random(N) < 0.5).astype(np.float32) if logistic else rng.standard_normal(N).astype(np.float32)
+    X = (2 * rng.standard_normal((rows, f + logistic))).astype(np.float32)
+    counts = rng.integers(1, 30, rows).astype(np.int64)
+    starts = rng.integers(0, N - 30, rows).astype(np.int64)
+    keys = rng.integers(-2**63, 2**63 - 1, rows, dtype=np.int64)
+    return X, data_, y, keys, counts, starts
+
+
+def _fused(k, X, data_, y, keys, steps, counts, starts, B, l2, logistic):
+    loss, G = np.empty(len(X), np.float32), np.empty_like(X)
+    k.keyed_linear_loss_grad(loss, G, X, data_, y, keys, steps, counts, starts, B, np.float32(1 / max(1, B)), l2,
+                             logistic)
+    return loss, G
+
+
+@pytest.mark.parametrize("logistic", [True, False])
+@pytest.mark.parametrize("f, B", [(1, 1), (7, 16), (8, 5), (29, 16), (64, 70)])
+def test_fused_linear_loss_grad_equals_the_reference_bitwise(compiled, logistic, f, B):
+    rng = np.random.default_rng(f * 100 + B)
+    X, data_, y, keys, counts, starts = _keyed_case(rng, 23, f, logistic=logistic)
+    ref = kernels.Kernels(mode="numpy")
+    for steps in (np.array([77], np.int64), rng.integers(0, 10**9, 23).astype(np.int64)):
+        for l2 in (0.0, 0.01):
+            a = _fused(compiled, X, data_, y, keys, steps, counts, starts, B, l2, logistic)
+            b = _fused(ref, X, data_, y, keys, steps, counts, starts, B, l2, logistic)
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+            # a row's result does not depend on the other rows of the call
+            sub = slice(5, 12)
+            c = _fused(compiled, np.ascontiguousarray(X[sub]), data_, y, keys[sub].copy(),
+                       steps if len(steps) == 1 else steps[sub].copy(), counts[sub].copy(), starts[sub].copy(),
+                       B, l2, logistic)
+            assert np.array_equal(c[0], a[0][sub]) and np.array_equal(c[1], a[1][sub])
+
+
+@pytest.mark.parametrize("logistic", [True, False])
+def test_fused_linear_loss_grad_is_the_model_on_the_gathered_batch(compiled, logistic):
+    """Against the textbook formulas in float64 on the batch keyed_gather draws."""
+    rng = np.random.default_rng(5)
+    f, B, l2 = 29, 16, 0.003
+    X, data_, y, keys, counts, starts = _keyed_case(rng, 31, f, logistic=logistic)
+    X[0, :] = 40.0  # |z| in the hundreds: exp(-|z|) underflows, the loss stays finite and exact
+    steps = np.array([3], np.int64)
+    loss, G = _fused(compiled, X, data_, y, keys, steps, counts, starts, B, l2, logistic)
+    A, idx = np.empty((31, B, f), np.float32), np.empty((31, B), np.int64)
+    compiled.keyed_gather(A, idx, data_, keys, steps, counts, starts)
+    A64, y64, X64 = A.astype(np.float64), y[idx].astype(np.float64), X.astype(np.float64)
+    z = np.einsum("rjt,rt->rj", A64, X64[:, :f]) + (X64[:, f:] if logistic else 0.0)
+    if logistic:
+        lj, dz = np.logaddexp(0, z) - y64 * z, 1 / (1 + np.exp(-z)) - y64
+    else:
+        lj, dz = 0.5 * (z - y64) ** 2, z - y64
+    want_loss = lj.mean(axis=1) + 0.5 * l2 * (X64 * X64).sum(axis=1)
+    want_G = np.concatenate([np.einsum("rj,rjt->rt", dz, A64) / B] + ([dz.mean(axis=1, keepdims=True)]
+                                                                     if logistic else []), axis=1) + l2 * X64
+    np.testing.assert_allclose(loss, want_loss, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(G, want_G, rtol=2e-4, atol=2e-5)
+    model = LinearModel("logistic" if logistic else "quadratic", f, 2, l2)
+    ml, mg = model.loss_grad(X, A, y[idx], np.full((31, B), 1 / B, np.float32))
+    np.testing.assert_allclose(loss, ml, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(G, mg, rtol=2e-4, atol=2e-5)
+
+
+def test_fused_linear_loss_grad_checks_its_arguments(compiled):
+    rng = np.random.default_rng(0)
+    X, data_, y, keys, counts, starts = _keyed_case(rng, 4, 5)
+    steps = np.array([1], np.int64)
+    ok = dict(B=3, l2=0.0, logistic=True)
+    with pytest.raises(ValueError, match="shapes"):
+        _fused(compiled, X[:, :5].copy(), data_, y, keys, steps, counts, starts, **ok)  # no bias column
+    with pytest.raises(ValueError, match="shapes"):
+        _fused(compiled, X, data_, y[:-1].copy(), keys, steps, counts, starts, **ok)
+    with pytest.raises(ValueError, match="starts \\+ counts"):
+        _fused(compiled, X, data_, y, keys, steps, counts, starts + 400, **ok)
+    with pytest.raises(ValueError, match="float32"):
+        _fused(compiled, X.astype(np.float64), data_, y, keys, steps, counts, starts, **ok)
+    with pytest.raises(ValueError, match="B = 0"):
+        _fused(compiled, X, data_, y, keys, steps, counts, starts, 0, 0.0, True)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "quadratic"])
+def test_nodedata_fused_pass_equals_gather_then_reference(compiled, kind):
+    ds = dataset(classes=2) if kind == "logistic" else dataset()
+    parts = data.partition(ds, 40, "iid", seed=1)
+    model = LinearModel(kind, ds.features, 2, 0.01)
+    X = np.random.default_rng(2).standard_normal((35, model.d)).astype(np.float32)
+    nd = data.NodeData(np, ds, parts, range(5, 40), 16, 7, kernels=compiled)
+    for t in (0, 5, 2**40):
+        loss, G = nd.linear_loss_grad(model, X, t)
+        A, y, w = nd.batch(t)
+        rl, rG = np.empty_like(loss), np.empty_like(G)
+        kernels.ref_linear_loss_grad(rl, rG, X, A, y.astype(np.float32), w, 0.01, kind == "logistic")
+        assert np.array_equal(loss, rl) and np.array_equal(G, rG)
+    assert nd.linear_loss_grad(LinearModel("softmax", ds.features, 3), X, 0) is None
+    assert data.NodeData(np, ds, parts, range(5, 40), 0, 7, kernels=compiled).linear_loss_grad(model, X, 0) is None
