@@ -170,14 +170,24 @@ def quadratic(n: int, samples: int, dim: int, heterogeneity: float, noise: float
 
 def classification(n_samples: int, dim: int, classes: int, separation: float,
                    feature_scale: float, seed: int) -> tuple:
+    """Gaussian classes around random means at distance `separation`; float64 arithmetic
+    in blocks of rows written into the float32 result (the same values as one pass, since
+    the generator's stream does not depend on the block size), so the peak memory is the
+    result plus one block rather than three float64 copies."""
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((classes, dim))
     means *= (separation / 2) / np.linalg.norm(means, axis=1, keepdims=True)
     y = rng.integers(0, classes, n_samples)
-    X = means[y] + rng.standard_normal((n_samples, dim))
-    if feature_scale > 0 and dim > 1:
-        X *= 10.0 ** (feature_scale * (np.arange(dim) / (dim - 1) - 0.5))
-    return X.astype(np.float32), y.astype(np.int64)
+    scale = (10.0 ** (feature_scale * (np.arange(dim) / (dim - 1) - 0.5))) if feature_scale > 0 and dim > 1 else None
+    X = np.empty((n_samples, dim), np.float32)
+    block = max(1, (1 << 20) // max(1, dim))
+    for lo in range(0, n_samples, block):
+        hi = min(n_samples, lo + block)
+        rows = means[y[lo:hi]] + rng.standard_normal((hi - lo, dim))
+        if scale is not None:
+            rows *= scale
+        X[lo:hi] = rows
+    return X, y.astype(np.int64)
 
 
 def load_digits() -> tuple:
@@ -714,17 +724,18 @@ class NodeData:
                        self._starts1 if whole else np.ascontiguousarray(self._starts1[sel]))
         return A, self._flat_y.take(flat)
 
-    def linear_loss_grad(self, model, X, step: int):
-        """(loss, G) of a quadratic or logistic LinearModel X (all local nodes) on the
-        minibatch `batch(step)` would give, in one compiled pass that reads the sample rows
+    def linear_loss_grad(self, model, X, step: int, lo: int = 0, hi: Optional[int] = None):
+        """(loss, G) of a quadratic or logistic LinearModel X (the local rows lo:hi, all by
+        default) on the minibatches `batch(step)` gives those rows, in one compiled pass that reads the sample rows
         where they lie (keyed_linear_loss_grad: the same draws, no batch copy; the same bits
         with the NumPy-reference kernels); None where that does not apply (other models,
         whole-data batches, augmentation, GPU arrays, other dtypes or layouts): the caller
         then gathers the batch and calls the model."""
         kind = getattr(model, "kind", None)
+        hi = len(self.nodes) if hi is None else hi
         if (kind not in ("quadratic", "logistic") or getattr(model, "k", 0) != 1 or not self.batch_size
                 or self.augment or self.xp is not np or not isinstance(X, np.ndarray) or X.dtype != np.float32
-                or not X.flags.c_contiguous or X.shape != (len(self.nodes), model.d)
+                or not X.flags.c_contiguous or X.shape != (hi - lo, model.d) or not 0 <= lo <= hi <= len(self.nodes)
                 or self._flat_X.dtype != np.float32 or not self._flat_X.flags.c_contiguous or self._flat_X.ndim != 2):
             return None
         from . import kernels as kernels_mod
@@ -733,11 +744,14 @@ class NodeData:
             return None
         if self._flat_y32 is None:
             self._flat_y32 = np.ascontiguousarray(self._flat_y, dtype=np.float32)
-        keys = _node_keys(self.seed, 0, self.nodes).reshape(-1).view(np.int64)
+        whole = lo == 0 and hi == len(self.nodes)  # the same count/start arrays every step: bounds checked once
+        keys = _node_keys(self.seed, 0, self.nodes[lo:hi]).reshape(-1).view(np.int64)
         steps = np.asarray(step, np.uint64).reshape(1).view(np.int64)
-        loss = np.empty(len(self.nodes), np.float32)
+        loss = np.empty(hi - lo, np.float32)
         G = np.empty(X.shape, np.float32)
-        k.keyed_linear_loss_grad(loss, G, X, self._flat_X, self._flat_y32, keys, steps, self.counts, self._starts1,
+        k.keyed_linear_loss_grad(loss, G, X, self._flat_X, self._flat_y32, keys, steps,
+                                 self.counts if whole else self.counts[lo:hi], self._starts1 if whole
+                                 else self._starts1[lo:hi],
                                  self.batch_size, float(self._w[0, 0]) if self._w.size else 0.0, model.l2,
                                  kind == "logistic")
         return loss, G

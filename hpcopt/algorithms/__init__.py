@@ -15,7 +15,9 @@ Algorithms compute and communicate through `ctx.comm`; they never print or open 
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
 
 
 class Context(NamedTuple):
@@ -38,14 +40,15 @@ def spare_buffer(ctx, key: str, X):
     return buf
 
 
-def batch_loss_grad(ctx, X, t: int):
-    """(loss, G) of the local nodes' models X on their minibatches of step t: one fused pass
-    for the linear models where the sampler allows it (NodeData.linear_loss_grad), else the
-    gathered batch through the model."""
-    fused = ctx.data.linear_loss_grad(ctx.model, X, t)
+def batch_loss_grad(ctx, X, t: int, lo: int = 0, hi: Optional[int] = None):
+    """(loss, G) of the models X of the local rows lo:hi (all by default) on their
+    minibatches of step t: one fused pass for the linear models where the sampler allows
+    it (NodeData.linear_loss_grad), else the gathered batch through the model."""
+    fused = ctx.data.linear_loss_grad(ctx.model, X, t, lo, hi)
     if fused is not None:
         return fused
-    A, y, w = ctx.data.batch(t)
+    L = ctx.comm.local_n
+    A, y, w = ctx.data.batch(t) if lo == 0 and hi in (None, L) else ctx.data.batch(t, rows=np.arange(lo, hi))
     return ctx.model.loss_grad(X, A, y, w)
 
 

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import models, optim, precond
+from . import batch_loss_grad
 from ..data import step_rng
 from ..metrics import sq_dist_sum
 
@@ -208,9 +209,13 @@ def diagnostic_view(ctx, state: State, step: int):
 def _local_step(ctx, state: State, h: precond.Hyper, glob: bool, t: int, lr: float, lo: int, hi: int):
     cfg = ctx.cfg
     X = state.X[lo:hi]
-    A, y, w = ctx.data.batch(t, rows=np.arange(lo, hi)) if hi - lo < state.X.shape[0] else ctx.data.batch(t)
-    loss, G = ctx.model.loss_grad(X, A, y, w)
-    zhz = _probes(ctx, X, t, A, y, w, _shared_probes(ctx, glob), lo) if precond.needs_hvp(h) else None
+    if precond.needs_hvp(h):  # the probes need the batch itself
+        A, y, w = ctx.data.batch(t, rows=np.arange(lo, hi)) if hi - lo < state.X.shape[0] else ctx.data.batch(t)
+        loss, G = ctx.model.loss_grad(X, A, y, w)
+        zhz = _probes(ctx, X, t, A, y, w, _shared_probes(ctx, glob), lo)
+    else:
+        loss, G = batch_loss_grad(ctx, X, t, lo, hi)
+        zhz = None
     mom = precond.Moments(state.M[lo:hi] if h.name == "adam" else state.M[lo:hi, :0], state.V[lo:hi])
     wd = cfg.optimizer.weight_decay
     if h.name == "identity":

@@ -142,3 +142,21 @@ def test_step_rng_is_shared_and_keyed():
     a = data.step_rng(1, 5).permutation(10)
     assert np.array_equal(a, data.step_rng(1, 5).permutation(10))
     assert not np.array_equal(a, data.step_rng(1, 6).permutation(10))
+
+
+def test_classification_generated_in_blocks_equals_one_pass():
+    """The block-wise generator gives the values of the one-pass formula (peak memory only changes)."""
+    def one_pass(n_samples, dim, classes, separation, feature_scale, seed):
+        rng = np.random.default_rng(seed)
+        means = rng.standard_normal((classes, dim))
+        means *= (separation / 2) / np.linalg.norm(means, axis=1, keepdims=True)
+        y = rng.integers(0, classes, n_samples)
+        X = means[y] + rng.standard_normal((n_samples, dim))
+        if feature_scale > 0 and dim > 1:
+            X *= 10.0 ** (feature_scale * (np.arange(dim) / (dim - 1) - 0.5))
+        return X.astype(np.float32), y
+
+    for args in [(300_000, 7, 3, 2.0, 0.0, 1), (30_000, 99, 2, 1.0, 2.0, 5), (10, 1, 2, 1.0, 1.0, 0)]:
+        X, y = data.classification(*args)
+        X1, y1 = one_pass(*args)
+        assert X.dtype == np.float32 and np.array_equal(X, X1) and np.array_equal(y, y1)
