@@ -569,6 +569,10 @@ def validate(cfg: Config) -> None:
         raise _bad("optimizer.scaling", opt.scaling.value, "diagonal scaling is used by algorithm.name: local_sgd")
     if opt.scaling is not Scaling.identity and opt.momentum > 0:
         raise _bad("optimizer.momentum", opt.momentum, "momentum goes with optimizer.scaling: identity only")
+    if opt.scaling in (Scaling.rmsprop, Scaling.adam) and opt.alpha <= 0 and opt.eps <= 0:
+        raise _bad("optimizer.eps", opt.eps, f"{opt.scaling.value} with optimizer.alpha = 0 needs eps > 0 (a "
+                                             f"coordinate whose gradient is always 0, e.g. a BatchNorm statistic "
+                                             f"or a dead unit, would step by 0/0)")
     if opt.scaling is Scaling.oasis and opt.alpha <= 0:
         raise _bad("optimizer.alpha", opt.alpha, "oasis needs alpha > 0 (the Hessian diagonal may be 0 or negative)")
     if cfg.optimizer.nesterov and cfg.optimizer.momentum == 0:
