@@ -771,15 +771,20 @@ class NodeData:
         batch = (A, y, self._w[:len(rows)])
         return self._augmented(batch, self.nodes[rows], steps, 0)
 
-    def batch(self, step: int, stream: int = 0, rows=None, batch_size=None):
+    def batch(self, step: int, stream: int = 0, rows=None, batch_size=None, augment: bool = True):
         """Minibatch of `step` for all local nodes, or for the local `rows` given (the
         same draws those nodes get in a full batch); other streams give independent draws;
-        `batch_size` overrides the configured size (0: each node's whole data)."""
+        `batch_size` overrides the configured size (0: each node's whole data);
+        `augment=False` leaves out data.augment (the diagnostics' evaluation batch)."""
         B = self.batch_size if batch_size is None else batch_size
         if not B:
-            return self._whole(rows, step, stream)
+            whole = self._whole(rows, step, stream)
+            return whole if augment or not self.augment else self._whole_plain(rows)
         sel = slice(None) if rows is None else np.asarray(rows)
         A, y = self._gather(sel, step, B, stream)
         L = A.shape[0]
         w = self._w[:L] if B == self.batch_size else self.xp.full((L, B), 1.0 / B, dtype=self._flat_X.dtype)
-        return self._augmented((A, y, w), self.nodes[sel], step, stream)
+        return self._augmented((A, y, w), self.nodes[sel], step, stream) if augment else (A, y, w)
+
+    def _whole_plain(self, rows):
+        return self._full if rows is None else tuple(a[self.xp.asarray(np.asarray(rows))] for a in self._full)

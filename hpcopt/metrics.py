@@ -1,7 +1,8 @@
 """Loss-landscape diagnostics of decentralized training (Zhang et al. 2021, arXiv 2112.01433).
 
 Computed every `diagnostics.every` steps on a FIXED evaluation batch per node (drawn once
-from stream 5 of the node's sampler, or the node's whole data with batch_size 0), for
+from stream 5 of the node's sampler, or the node's whole data with batch_size 0; never
+augmented: the landscape of the data, not of one random crop of it), for
 every model a node holds (D-SGD / Local SGD nodes, Teleportation tokens; one replicated
 model for sync SGD):
 
@@ -64,7 +65,7 @@ def diagnose(ctx, algo, state, step: int, lr: float) -> Dict[str, object]:
     d = xbar.shape[0]
     batch = ctx.workspace.get("diag_batch")
     if batch is None:
-        batch = ctx.data.batch(0, stream=DIAG_STREAM, batch_size=dcfg.batch_size)
+        batch = ctx.data.batch(0, stream=DIAG_STREAM, batch_size=dcfg.batch_size, augment=False)
         ctx.workspace["diag_batch"] = batch
     A, y, w = (a[b.xp.asarray(rows)] for a in batch) if len(rows) < X.shape[0] else batch
     Xa = X[b.xp.asarray(rows)] if len(rows) < X.shape[0] else X

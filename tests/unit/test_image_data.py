@@ -226,6 +226,12 @@ def test_augmented_batches_are_hand_crops_of_the_plain_ones():
     changed = [(dy[v, j], dx[v, j], flip[v, j]) != (4, 4, 0) for v in range(4) for j in range(16)]
     assert np.mean([not np.array_equal(A[v, j], A0[v, j]) for v in range(4) for j in range(16)]) == np.mean(changed)
     assert np.mean(changed) > 0.8
+    # the diagnostics' evaluation batch leaves augmentation out (minibatch and whole data)
+    for B in (16, 0):
+        got = data.NodeData(np, ds, parts, [0, 1, 2, 3], B, seed=7, augment=True, shape=SHAPE).batch(
+            5, stream=5, augment=False)
+        want = data.NodeData(np, ds, parts, [0, 1, 2, 3], B, seed=7).batch(5, stream=5)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
     # a known offset: dy=1, dx=6, flipped
     row = ds.X_train[0]
     got = data.crop_flip(np, row[None, None], SHAPE, np.array([[1]]), np.array([[6]]), np.array([[1]]))[0, 0]
