@@ -16,6 +16,24 @@ def test_node_stats_match_a_hand_computation_and_skip_nan():
     assert np.all(st[2, [0, 2, 3, 4, 8]] == 5.0) and st[2, 1] == 0.0
 
 
+def test_node_stats_equal_numpy_row_by_row():
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((40, 257))
+    v[rng.random(v.shape) < 0.3] = np.nan
+    v[3] = np.nan
+    v[4] = np.nan
+    v[4, 7] = 2.5  # one finite node
+    v[5, :4] = np.inf  # infinities are not finite either
+    st = metrics.node_stats(v)
+    for row, got in zip(v, st):
+        f = row[np.isfinite(row)]
+        if not f.size:
+            assert np.isnan(got).all()
+            continue
+        want = [f.mean(), f.std(), f.min(), f.max(), *np.quantile(f, [0.05, 0.25, 0.5, 0.75, 0.95])]
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_sample_is_fixed_sorted_distinct_and_keyed_by_the_seed():
     a = metrics.node_sample(100_000, 1024, seed=3)
     assert a.shape == (1024,) and a.dtype == np.int64
