@@ -127,10 +127,33 @@ __device__ __forceinline__ float hpcopt_linear_row(const float* __restrict__ x, 
         }
         for (long long j = 0; j < m; ++j) {
             total = total + lc[j];
-            const float c = cc[j];
-            const float* __restrict__ aj = a[j];
-            for (long long u = 0; u < f; ++u) g[u] = g[u] + c * aj[u];
-            gb = gb + c;
+            gb = gb + cc[j];
+        }
+        // g[u] += c_j a_j[u] for j in order: 8 columns at a time held in registers over the
+        // chunk's samples (each column's sum keeps its order j = 0, 1, ...)
+        long long u = 0;
+        for (; u + 8 <= f; u += 8) {
+            float g0 = g[u], g1 = g[u + 1], g2 = g[u + 2], g3 = g[u + 3];
+            float g4 = g[u + 4], g5 = g[u + 5], g6 = g[u + 6], g7 = g[u + 7];
+            for (long long j = 0; j < m; ++j) {
+                const float c = cc[j];
+                const float* __restrict__ aj = a[j] + u;
+                g0 = g0 + c * aj[0];
+                g1 = g1 + c * aj[1];
+                g2 = g2 + c * aj[2];
+                g3 = g3 + c * aj[3];
+                g4 = g4 + c * aj[4];
+                g5 = g5 + c * aj[5];
+                g6 = g6 + c * aj[6];
+                g7 = g7 + c * aj[7];
+            }
+            g[u] = g0; g[u + 1] = g1; g[u + 2] = g2; g[u + 3] = g3;
+            g[u + 4] = g4; g[u + 5] = g5; g[u + 6] = g6; g[u + 7] = g7;
+        }
+        for (; u < f; ++u) {
+            float gu = g[u];
+            for (long long j = 0; j < m; ++j) gu = gu + cc[j] * a[j][u];
+            g[u] = gu;
         }
     }
     if (logistic) g[f] = gb;
