@@ -410,6 +410,15 @@ def _check(op: str, arg, a, dtype) -> None:
                          f"got {a.dtype} (contiguous={a.flags.c_contiguous})")
 
 
+def _check_all(op: str, arrays, dtypes) -> None:
+    """`_check` on each of a kernel's arrays (named by ARRAYS[op]); a non-array is named too."""
+    for name, a, dt in zip(ARRAYS[op], arrays, dtypes):
+        if not hasattr(a, "dtype") or not hasattr(a, "flags"):
+            raise ValueError(f"kernel argument {op}.{name} must be a C-contiguous {np.dtype(dt).name} array, "
+                             f"got {type(a).__name__}")
+        _check(op, name, a, dt)
+
+
 def _update_error(op: str, arrays) -> ValueError:
     """The first thing wrong with an update kernel's arrays (called only on failure)."""
     names = ARRAYS[op]
@@ -570,12 +579,7 @@ class Kernels:
         with starts + counts <= N. Everything is checked before any call into C."""
         rows, B = idx.shape
         f = X.shape[1] if X.ndim == 2 else -1
-        arrays = (A, idx, X, keys, steps, counts, starts)
-        for name, a, dt in zip(ARRAYS["keyed_gather"], arrays, (F32, _I64, F32, _I64, _I64, _I64, _I64)):
-            if not hasattr(a, "dtype") or not hasattr(a, "flags"):
-                raise ValueError(f"kernel argument keyed_gather.{name} must be a C-contiguous "
-                                 f"{np.dtype(dt).name} array, got {type(a).__name__}")
-            _check("keyed_gather", name, a, dt)
+        _check_all("keyed_gather", (A, idx, X, keys, steps, counts, starts), (F32, _I64, F32, _I64, _I64, _I64, _I64))
         if (f < 0 or A.shape != (rows, B, f) or keys.shape != (rows,) or counts.shape != (rows,)
                 or starts.shape != (rows,) or steps.shape not in ((rows,), (1,))):
             raise ValueError(f"kernel keyed_gather: shapes A {A.shape}, idx {idx.shape}, X {X.shape}, keys "
@@ -613,12 +617,8 @@ class Kernels:
         minibatch of B samples that keyed_gather draws from `data` (N, f), targets y (N,)
         float32, every sample weighted w (see linear_loss_grad.cu); keys, steps, counts
         and starts as for keyed_gather. Everything is checked before any call into C."""
-        arrays = (loss, G, X, data, y, keys, steps, counts, starts)
-        for name, a, dt in zip(ARRAYS["keyed_linear_loss_grad"], arrays, (F32,) * 5 + (_I64,) * 4):
-            if not hasattr(a, "dtype") or not hasattr(a, "flags"):
-                raise ValueError(f"kernel argument keyed_linear_loss_grad.{name} must be a C-contiguous "
-                                 f"{np.dtype(dt).name} array, got {type(a).__name__}")
-            _check("keyed_linear_loss_grad", name, a, dt)
+        _check_all("keyed_linear_loss_grad", (loss, G, X, data, y, keys, steps, counts, starts),
+                   (F32,) * 5 + (_I64,) * 4)
         rows = X.shape[0] if X.ndim == 2 else -1
         f = data.shape[1] if data.ndim == 2 else -1
         d = f + (1 if logistic else 0)

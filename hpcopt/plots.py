@@ -49,11 +49,17 @@ def _line_plot(plt, path, series, xlabel, ylabel, logy=False):
         if len(x):
             ax.plot(x, y, label=label, linewidth=1.4, marker="o" if len(x) < 30 else None, markersize=3)
             drawn += 1
+    if drawn and logy and all((np.asarray(y, float)[np.isfinite(np.asarray(y, float))] > 0).all()
+                              for _, _, y in series):
+        ax.set_yscale("log")
+    return _finish(plt, fig, ax, path, drawn, xlabel, ylabel)
+
+
+def _finish(plt, fig, ax, path, drawn, xlabel, ylabel):
+    """Label, save and close a line figure; None (nothing written) if no line was drawn."""
     if not drawn:
         plt.close(fig)
         return None
-    if logy and all((np.asarray(y, float)[np.isfinite(np.asarray(y, float))] > 0).all() for _, _, y in series):
-        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -113,18 +119,8 @@ def _spread_plot(plt, path, runs, labels, group, name, title):
         ax.fill_between(x[ok], st[ok, col["q25"]], st[ok, col["q75"]], color=colour, alpha=0.3, linewidth=0)
         ax.fill_between(x[ok], st[ok, col["q05"]], st[ok, col["q95"]], color=colour, alpha=0.12, linewidth=0)
         drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("step")
-    ax.set_ylabel(title)
     ax.set_title(f"{title} over nodes: median, 25-75% and 5-95% bands", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, drawn, "step", title)
 
 
 def write_all(runs: Sequence[dict], labels: Sequence[str], out_dir: str) -> List[str]:
