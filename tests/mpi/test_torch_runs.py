@@ -80,12 +80,12 @@ def test_every_method_trains_lenet(tmp_path, label, sections):
 def test_rank_invariance_and_resume_with_lenet(tmp_path):
     finals = {}
     for vec in ("loop", "vmap"):
-        path = write_config(tmp_path, LENET, f"{vec}.yaml", run={"steps": 20}, model={"vectorize": vec})
-        for ranks in (1, 2, 4):
+        path = write_config(tmp_path, LENET, f"{vec}.yaml", run={"steps": 12}, model={"vectorize": vec})
+        for ranks in ((1, 2, 4) if vec == "loop" else (1, 4)):  # vmap: one rank and several nodes per rank
             out = tmp_path / f"{vec}-{ranks}"
             check(run_hpcopt_mpi(ranks, ["run", path, "--out", out], timeout=300))
             info, X = rows(out)
-            assert info["ranks"] == ranks and info["step"] == 20
+            assert info["ranks"] == ranks and info["step"] == 12
             finals[vec, ranks] = (X, rows(out, "M")[1])
     X0 = np.tile(models.build(config.load(str(path)).model,
                               data.load(config.load(str(path)).data, 8), threads=1).init(0), (8, 1))
@@ -93,13 +93,13 @@ def test_rank_invariance_and_resume_with_lenet(tmp_path):
     for ranks in (2, 4):  # the loop: each node's arithmetic is its own, bit for bit on any rank count
         assert np.array_equal(finals["loop", ranks][0], finals["loop", 1][0]), ranks
         assert np.array_equal(finals["loop", ranks][1], finals["loop", 1][1]), ranks
-    for ranks in (1, 2, 4):  # vmap batches a rank's nodes: rounding may differ, 1e-6 relative
+    for ranks in (1, 4):  # vmap batches a rank's nodes: rounding may differ, 1e-6 relative
         X, ref = finals["vmap", ranks][0], finals["loop", 1][0]
         assert np.linalg.norm(X - ref) <= 1e-6 * np.linalg.norm(ref), ranks
-    # stop at 10, resume to 20 (on another rank count): bit for bit the uninterrupted run
+    # stop at 6, resume to 12 (on another rank count): bit for bit the uninterrupted run
     loop = tmp_path / "loop.yaml"
     part = tmp_path / "part"
-    proc = run_hpcopt_mpi(2, ["run", loop, "--out", part, "--set", "run.stop_after=10"], timeout=300)
+    proc = run_hpcopt_mpi(2, ["run", loop, "--out", part, "--set", "run.stop_after=6"], timeout=300)
     assert proc.returncode == 75, proc.stderr[-2000:]
     check(run_hpcopt_mpi(4, ["run", loop, "--out", part, "--resume"], timeout=300))
     assert np.array_equal(rows(part)[1], finals["loop", 1][0])
