@@ -43,6 +43,9 @@ static const hpcopt_dim3 gridDim = {1u, 1u, 1u};
     HPCOPT_PRAGMA(omp parallel for schedule(static) if((long long)(work) >= HPCOPT_PARALLEL_MIN)) \
     for (long long i = 0; i < (long long)(n); ++i)
 
+// A read hint for memory the kernel will touch soon (a no-op in the GPU build).
+#define HPCOPT_PREFETCH(p) __builtin_prefetch(p)
+
 // Row x column-tile loop: threads share out (row, tile) pieces in contiguous runs; a
 // tile is up to HPCOPT_TILE columns, processed by plain (vectorised) inner loops.
 #define HPCOPT_TILE 1024

@@ -17,6 +17,10 @@
 // bit for bit, and a row's result never depends on the other rows of the call (rank counts
 // and row subsets never change a node's gradient). Samples are summed in order j = 0..B-1.
 // Needs keyed_gather.cu's hpcopt_mix64 / hpcopt_mod (KERNEL_FILES compiles it first).
+#ifndef HPCOPT_PREFETCH
+#define HPCOPT_PREFETCH(p)
+#endif
+
 // 2^n for -126 <= n <= 127, built from its exponent bits
 #ifdef HPCOPT_CPU_SHIM
 __device__ __forceinline__ float hpcopt_pow2(int n) {
@@ -183,6 +187,8 @@ struct HpcoptKeyed {
             const unsigned long long bits = hpcopt_mix64(k + (unsigned long long)(j0 + j + 1) * G);
             const long long flat = (long long)hpcopt_mod(bits, c, inv) + start;
             a[j] = X + flat * f;
+            HPCOPT_PREFETCH(a[j]);  // every row of the chunk in flight at once: they are random
+            HPCOPT_PREFETCH(a[j] + f - 1);  // rows of the data, often outside L1 and L2
             yc[j] = y[flat];
             wc[j] = w;
         }
