@@ -580,15 +580,10 @@ class Kernels:
         rows, B = idx.shape
         f = X.shape[1] if X.ndim == 2 else -1
         _check_all("keyed_gather", (A, idx, X, keys, steps, counts, starts), (F32, _I64, F32, _I64, _I64, _I64, _I64))
-        if (f < 0 or A.shape != (rows, B, f) or keys.shape != (rows,) or counts.shape != (rows,)
-                or starts.shape != (rows,) or steps.shape not in ((rows,), (1,))):
-            raise ValueError(f"kernel keyed_gather: shapes A {A.shape}, idx {idx.shape}, X {X.shape}, keys "
-                             f"{keys.shape}, steps {steps.shape}, counts {counts.shape}, starts {starts.shape} "
-                             f"do not fit (rows, B) = {(rows, B)}")
-        if rows and self._gather_end(counts, starts) > X.shape[0]:
-            raise ValueError(f"kernel keyed_gather: every row needs counts >= 1 and 0 <= starts, "
-                             f"starts + counts <= {X.shape[0]} (rows of X)")
-        stride = 0 if steps.shape == (1,) and rows != 1 else 1
+        if f < 0 or A.shape != (rows, B, f):
+            raise ValueError(f"kernel keyed_gather: shapes A {A.shape}, idx {idx.shape}, X {X.shape} do not fit "
+                             f"(rows, B) = {(rows, B)}")
+        stride = self._keyed_stride("keyed_gather", rows, X.shape[0], "rows of X", keys, steps, counts, starts)
         if self.impl == "numpy" or not rows or not B:
             ref_keyed_gather(A, idx, X, keys, steps, stride, counts, starts)
         elif self.impl == "cpu":
@@ -596,6 +591,19 @@ class Kernels:
         else:
             self._lib.call("keyed_gather", [A, idx, X, np.int64(f), keys, steps, np.int64(stride), counts, starts,
                                             np.int64(rows), np.int64(B)], rows * B)
+
+    def _keyed_stride(self, op: str, rows: int, data_rows: int, what: str, keys, steps, counts, starts) -> int:
+        """Check the keyed-draw arguments of keyed_gather and keyed_linear_loss_grad (keys,
+        counts, starts (rows,), steps (rows,) or (1,), counts >= 1, 0 <= starts, starts +
+        counts <= data_rows) and return the step stride (0: one step for every row)."""
+        if (keys.shape != (rows,) or counts.shape != (rows,) or starts.shape != (rows,)
+                or steps.shape not in ((rows,), (1,))):
+            raise ValueError(f"kernel {op}: shapes keys {keys.shape}, steps {steps.shape}, counts {counts.shape}, "
+                             f"starts {starts.shape} do not fit {rows} rows")
+        if rows and self._gather_end(counts, starts) > data_rows:
+            raise ValueError(f"kernel {op}: every row needs counts >= 1 and 0 <= starts, "
+                             f"starts + counts <= {data_rows} ({what})")
+        return 0 if steps.shape == (1,) and rows != 1 else 1
 
     def _gather_end(self, counts, starts) -> int:
         """max(starts + counts), or a huge value when some count < 1 or start < 0; kept per
@@ -623,16 +631,12 @@ class Kernels:
         f = data.shape[1] if data.ndim == 2 else -1
         d = f + (1 if logistic else 0)
         if (rows < 0 or f < 0 or B < 1 or X.shape != (rows, d) or G.shape != (rows, d) or loss.shape != (rows,)
-                or y.shape != (data.shape[0],) or keys.shape != (rows,) or counts.shape != (rows,)
-                or starts.shape != (rows,) or steps.shape not in ((rows,), (1,))):
+                or y.shape != (data.shape[0],)):
             raise ValueError(f"kernel keyed_linear_loss_grad: shapes loss {loss.shape}, G {G.shape}, X {X.shape}, "
-                             f"data {data.shape}, y {y.shape}, keys {keys.shape}, steps {steps.shape}, counts "
-                             f"{counts.shape}, starts {starts.shape} do not fit (rows, d = f"
+                             f"data {data.shape}, y {y.shape} do not fit (rows, d = f"
                              f"{' + 1' if logistic else ''}) with B = {B} >= 1")
-        if rows and self._gather_end(counts, starts) > data.shape[0]:
-            raise ValueError(f"kernel keyed_linear_loss_grad: every row needs counts >= 1 and 0 <= starts, "
-                             f"starts + counts <= {data.shape[0]} (rows of data)")
-        stride = 0 if steps.shape == (1,) and rows != 1 else 1
+        stride = self._keyed_stride("keyed_linear_loss_grad", rows, data.shape[0], "rows of data", keys, steps,
+                                    counts, starts)
         if self.impl == "numpy" or not rows:
             A = np.empty((rows, B, f), np.float32)
             idx = np.empty((rows, B), np.int64)
