@@ -569,6 +569,12 @@ class Runner:
             for why in skipped:
                 self.say(f"hpcopt: {why}; skipped")
                 self.rf.event(-1, "checkpoint_skipped", why)
+        # a continued run keeps the per-node columns its file has (a file written before
+        # run.node_metrics existed holds every node's column)
+        layout = store.node_layout(self.run_dir) if c.rank == 0 and self.continued else None
+        layout = c.bcast(layout)
+        if layout is not None:
+            self.node_mode, self.node_ids = layout
         return info
 
     def record_resume(self, step: int, message: str) -> None:

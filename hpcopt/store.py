@@ -388,6 +388,17 @@ def _read(path: str, out: dict) -> dict:
     return out
 
 
+def node_layout(run_dir: str) -> Tuple[str, Optional[np.ndarray]]:
+    """(run.node_metrics mode, sampled node ids or None) of an existing run file; a file
+    written before the mode was recorded keeps every node's column ("all")."""
+    path = os.path.join(run_dir, RUN_FILE)
+    with flush_lock(path, exclusive=False), h5py.File(path, "r", locking=False) as f:
+        mode = f["config"].attrs.get("node_metrics", "all")
+        ids = f.get("node_ids")
+        return (mode.decode() if isinstance(mode, bytes) else str(mode),
+                ids[()] if isinstance(ids, h5py.Dataset) else None)
+
+
 def _plain(v):
     if isinstance(v, bytes):
         return v.decode()

@@ -50,3 +50,23 @@ def test_teleportation_stats_are_over_the_nodes_holding_a_model(tmp_path):
     m = store.read_run(str(tmp_path / "t"))["metrics"]
     assert np.isnan(m["train_loss"]).any()  # idle nodes
     np.testing.assert_allclose(m["train_loss_stats"][:, 0], m["train_loss_mean"], rtol=1e-12)
+
+
+def test_a_resumed_run_keeps_the_sample_and_a_legacy_file_keeps_every_column(tmp_path):
+    part = tmp_path / "part"
+    args = ["run", QUICK, "--out", part, *COMMON, "--set", "run.node_metrics=sample"]
+    proc = run_hpcopt_mpi(2, [*args, "--set", "run.stop_after=20", "--set", "run.checkpoint_every=10"])
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    check(run_hpcopt_mpi(1, [*args, "--resume"]))
+    full = tmp_path / "full"
+    check(run_hpcopt_mpi(1, ["run", QUICK, "--out", full, *COMMON, "--set", "run.node_metrics=sample"]))
+    a, b = store.read_run(str(part)), store.read_run(str(full))
+    assert np.array_equal(a["node_ids"], b["node_ids"])
+    assert a["metrics"]["train_loss"].shape == b["metrics"]["train_loss"].shape == (40, 8)
+    np.testing.assert_allclose(a["metrics"]["train_loss"], b["metrics"]["train_loss"], rtol=1e-5)
+    assert store.node_layout(str(part))[0] == "sample"
+    import h5py
+    with h5py.File(part / store.RUN_FILE, "a") as f:  # a file from before run.node_metrics
+        del f["config"].attrs["node_metrics"]
+        del f["node_ids"]
+    assert store.node_layout(str(part)) == ("all", None)
