@@ -1,5 +1,5 @@
 """The fused keyed loss/gradient pass (kernels/linear_loss_grad.cu) inside real runs:
-D-SGD with logistic and least-squares models gives the same bits on 1, 2 and 4 ranks
+D-SGD with a logistic model gives the same bits on 1, 2 and 4 ranks
 (Local SGD's all-reduce sums ranks' partial sums, so there only up to float32 rounding),
 and the compiled pass equals the NumPy-reference kernels bit for bit."""
 import numpy as np
@@ -16,9 +16,6 @@ CASES = {
     "dsgd_logistic": LOGISTIC + ["--set", "optimizer.momentum=0.5"],
     "local_adam_logistic": LOGISTIC + ["--set", "algorithm.name=local_sgd", "--set", "algorithm.local_steps=5",
                                        "--set", "optimizer.scaling=adam", "--set", "optimizer.lr=0.02"],
-    "dsgd_quadratic": ["--set", "data.dataset=quadratic", "--set", "model.name=quadratic", "--set", "data.dim=20",
-                       "--set", "optimizer.lr=0.05", "--set", "run.steps=60", "--set", "run.eval_every=30",
-                       "--set", "run.progress=false", "--set", "topology.name=one_peer_exponential"],
 }
 
 

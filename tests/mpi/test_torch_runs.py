@@ -81,7 +81,7 @@ def test_rank_invariance_and_resume_with_lenet(tmp_path):
     finals = {}
     for vec in ("loop", "vmap"):
         path = write_config(tmp_path, LENET, f"{vec}.yaml", run={"steps": 12}, model={"vectorize": vec})
-        for ranks in ((1, 2, 4) if vec == "loop" else (1, 4)):  # vmap: one rank and several nodes per rank
+        for ranks in ((1, 2, 4) if vec == "loop" else (4,)):  # vmap: several ranks, two nodes each
             out = tmp_path / f"{vec}-{ranks}"
             check(run_hpcopt_mpi(ranks, ["run", path, "--out", out], timeout=300))
             info, X = rows(out)
@@ -93,7 +93,7 @@ def test_rank_invariance_and_resume_with_lenet(tmp_path):
     for ranks in (2, 4):  # the loop: each node's arithmetic is its own, bit for bit on any rank count
         assert np.array_equal(finals["loop", ranks][0], finals["loop", 1][0]), ranks
         assert np.array_equal(finals["loop", ranks][1], finals["loop", 1][1]), ranks
-    for ranks in (1, 4):  # vmap batches a rank's nodes: rounding may differ, 1e-6 relative
+    for ranks in (4,):  # vmap batches a rank's nodes: rounding may differ, 1e-6 relative
         X, ref = finals["vmap", ranks][0], finals["loop", 1][0]
         assert np.linalg.norm(X - ref) <= 1e-6 * np.linalg.norm(ref), ranks
     # stop at 6, resume to 12 (on another rank count): bit for bit the uninterrupted run
