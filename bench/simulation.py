@@ -4,7 +4,11 @@ Run:  python bench/simulation.py [--json FILE] [--profile]
 
 (a) 256 nodes of D-SGD on a ring with logistic regression (29 features + bias: d = 30) on ONE rank: hpcopt (one
     (256, d) block, batched gradients, one fused mix kernel) against a straightforward
-    per-node Python loop written here (a list of per-node vectors, NumPy per node).
+    per-node Python loop written here (a list of per-node vectors, NumPy per node); both
+    run ROUNDS times, alternating, and each side's best round counts. hpcopt runs as
+    `hpcopt run` would on this machine: its compiled kernels with one OpenMP thread per
+    core of the rank (the fused loss/gradient pass splits the nodes between them); the
+    baseline is single-threaded Python, as such loops are.
 (b) 16 nodes placed as 1 rank x 16 nodes against 16 ranks x 1 node (one process per node,
     as a one-process-per-worker framework runs it), on the same cores.
 Figures are node-steps per second (nodes x steps / seconds of the training loop). For
@@ -37,6 +41,9 @@ PROBLEM = {"data": {"dataset": "classification", "dim": 29, "classes": 2, "sampl
                     "batch_size": 16, "partition": "iid"},
            "model": {"name": "logistic"}, "algorithm": {"name": "dsgd"}, "topology": {"name": "ring"},
            "optimizer": {"lr": 0.1}}
+
+
+ROUNDS = 3  # (a) runs both sides this many times, alternating, and keeps each side's best
 
 
 def config(n: int, steps: int) -> dict:
@@ -149,8 +156,14 @@ def main() -> None:
         print("one D-SGD step, 256 nodes, 1 rank (us per call): " +
               ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in parts.items()))
     with tempfile.TemporaryDirectory() as tmp:
-        ours = hpcopt_rate(256, 2000, tmp)
-        base = loop_rate(256, 60)
+        # alternating rounds, the best of each side: a burst of load from a neighbour on a
+        # shared host then slows one round of either side, not the ratio
+        ours = base = 0.0
+        for _ in range(ROUNDS):
+            ours = max(ours, hpcopt_rate(256, 2000, tmp))
+            base = max(base, loop_rate(256, 60))
+        from hpcopt import runner
+        print(f"(a) best of {ROUNDS} alternating rounds; hpcopt's kernels on {runner._threads_per_rank(1)} thread(s)")
         rows.append({"case": "256 nodes on 1 rank: hpcopt vs per-node Python loop", "hpcopt": ours, "baseline": base,
                      "ratio": ours / base, "target": 30.0})
         one = ranks_rate(1, 16, 2000, tmp)

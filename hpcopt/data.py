@@ -35,6 +35,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import weakref
 import zipfile
 import zlib
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -650,6 +651,7 @@ class NodeData:
         self._flat_y = xp.asarray(ds.y_train[rows])
         self._full_cache = None
         self._flat_y32 = None  # float32 targets for keyed_linear_loss_grad, made on first use
+        self._passes: dict = {}  # (lo, hi, kind, l2, kernels) -> kernels.LinearPass of linear_loss_grad
         self._w = xp.full((len(self.nodes), batch_size), 1.0 / max(1, batch_size), dtype=dtype)
         self.augment = bool(augment)
         self.shape = tuple(shape) if shape is not None else ds.shape
@@ -742,18 +744,22 @@ class NodeData:
         k = self._kernels if self._kernels is not None else kernels_mod.current()
         if k is None or k.impl not in ("cpu", "numpy"):
             return None
-        if self._flat_y32 is None:
-            self._flat_y32 = np.ascontiguousarray(self._flat_y, dtype=np.float32)
-        whole = lo == 0 and hi == len(self.nodes)  # the same count/start arrays every step: bounds checked once
-        keys = _node_keys(self.seed, 0, self.nodes[lo:hi]).reshape(-1).view(np.int64)
-        steps = np.asarray(step, np.uint64).reshape(1).view(np.int64)
+        key = (lo, hi, kind, float(model.l2), id(k))
+        bound = self._passes.get(key)
+        if bound is None or bound[0]() is not k:  # bound once: the same operands every step
+            if self._flat_y32 is None:
+                self._flat_y32 = np.ascontiguousarray(self._flat_y, dtype=np.float32)
+            if len(self._passes) >= 8:  # a handful of row ranges is all an algorithm uses
+                self._passes.clear()
+            keys = _node_keys(self.seed, 0, self.nodes[lo:hi]).reshape(-1).view(np.int64)
+            w = float(self._w[0, 0]) if self._w.size else 0.0
+            bound = (weakref.ref(k), k.linear_pass(self._flat_X, self._flat_y32, keys, self.counts[lo:hi].copy(),
+                                                   self._starts1[lo:hi].copy(), self.batch_size, w, model.l2,
+                                                   kind == "logistic"))
+            self._passes[key] = bound
         loss = np.empty(hi - lo, np.float32)
         G = np.empty(X.shape, np.float32)
-        k.keyed_linear_loss_grad(loss, G, X, self._flat_X, self._flat_y32, keys, steps,
-                                 self.counts if whole else self.counts[lo:hi], self._starts1 if whole
-                                 else self._starts1[lo:hi],
-                                 self.batch_size, float(self._w[0, 0]) if self._w.size else 0.0, model.l2,
-                                 kind == "logistic")
+        bound[1](loss, G, X, np.asarray(step, np.uint64).reshape(1).view(np.int64))
         return loss, G
 
     def batch_indices(self, step: int, stream: int = 0, rows=None) -> np.ndarray:

@@ -624,7 +624,9 @@ class Kernels:
         d = f) or logistic (d = f + 1, the bias last) model X (rows, d) on the keyed
         minibatch of B samples that keyed_gather draws from `data` (N, f), targets y (N,)
         float32, every sample weighted w (see linear_loss_grad.cu); keys, steps, counts
-        and starts as for keyed_gather. Everything is checked before any call into C."""
+        and starts as for keyed_gather. Everything is checked before any call into C.
+        A caller that repeats the call with the same data every step binds it once with
+        `linear_pass`."""
         _check_all("keyed_linear_loss_grad", (loss, G, X, data, y, keys, steps, counts, starts),
                    (F32,) * 5 + (_I64,) * 4)
         rows = X.shape[0] if X.ndim == 2 else -1
@@ -635,20 +637,14 @@ class Kernels:
             raise ValueError(f"kernel keyed_linear_loss_grad: shapes loss {loss.shape}, G {G.shape}, X {X.shape}, "
                              f"data {data.shape}, y {y.shape} do not fit (rows, d = f"
                              f"{' + 1' if logistic else ''}) with B = {B} >= 1")
-        stride = self._keyed_stride("keyed_linear_loss_grad", rows, data.shape[0], "rows of data", keys, steps,
-                                    counts, starts)
-        if self.impl == "numpy" or not rows:
-            A = np.empty((rows, B, f), np.float32)
-            idx = np.empty((rows, B), np.int64)
-            ref_keyed_gather(A, idx, data, keys, steps, stride, counts, starts)
-            ref_linear_loss_grad(loss, G, X, A, y[idx], np.full((rows, B), w, np.float32), l2, logistic)
-        elif self.impl == "cpu":
-            self._lib.call("keyed_linear_loss_grad", [loss, G, X, data, y, keys, steps, stride, counts, starts,
-                                                      F32(w), F32(l2), rows, B, f, int(logistic)])
-        else:
-            self._lib.call("keyed_linear_loss_grad", [loss, G, X, data, y, keys, steps, np.int64(stride), counts,
-                                                      starts, F32(w), F32(l2), np.int64(rows), np.int64(B),
-                                                      np.int64(f), np.int64(logistic)], rows)
+        self.linear_pass(data, y, keys, counts, starts, B, w, l2, logistic)(loss, G, X, steps)
+
+    def linear_pass(self, data, y, keys, counts, starts, B: int, w: float, l2: float,
+                    logistic: bool) -> "LinearPass":
+        """keyed_linear_loss_grad with the operands that stay fixed over a run (data,
+        targets, node keys, counts, starts, B, w, l2, the model kind) checked and converted
+        once; the returned pass takes (loss, G, X, steps) (see LinearPass)."""
+        return LinearPass(self, data, y, keys, counts, starts, B, w, l2, logistic)
 
     # -- mixing --------------------------------------------------------------------
     def row_sum(self, out, X, scale: float) -> None:
@@ -768,3 +764,74 @@ class Kernels:
         n_src = local.shape[0] + remote.shape[0]
         return ValueError(f"kernel mix_rows: indices must lie in [0, {n_src}) (local rows {local.shape[0]} "
                           f"+ remote rows {remote.shape[0]}), got min {lo}, max {hi}")
+
+
+class LinearPass:
+    """One bound keyed_linear_loss_grad: the fixed operands are checked (dtypes, shapes,
+    counts >= 1 and starts + counts within the data) and, for the CPU build, turned into
+    C arguments once, and kept alive while the pass lives. A call checks only what
+    changes, loss (rows,), G (rows, d), X (rows, d) and steps ((rows,) or (1,) int64), so
+    a simulation's per-step cost is the C pass itself, not the Python checks around it.
+    """
+
+    OP = "keyed_linear_loss_grad"
+
+    def __init__(self, kernels: Kernels, data, y, keys, counts, starts, B: int, w: float, l2: float,
+                 logistic: bool):
+        op = self.OP
+        for name, a, dt in (("data", data, F32), ("y", y, F32), ("keys", keys, _I64), ("counts", counts, _I64),
+                            ("starts", starts, _I64)):
+            if not hasattr(a, "dtype") or not hasattr(a, "flags"):
+                raise ValueError(f"kernel argument {op}.{name} must be a C-contiguous {np.dtype(dt).name} array, "
+                                 f"got {type(a).__name__}")
+            _check(op, name, a, dt)
+        rows = keys.shape[0] if keys.ndim == 1 else -1
+        f = data.shape[1] if data.ndim == 2 else -1
+        if rows < 0 or f < 0 or B < 1 or y.shape != (data.shape[0],):
+            raise ValueError(f"kernel {op}: shapes data {data.shape}, y {y.shape}, keys {keys.shape} do not fit "
+                             f"data (N, f), y (N,), keys (rows,) with B = {B} >= 1")
+        kernels._keyed_stride(op, rows, data.shape[0], "rows of data", keys, np.zeros(1, np.int64), counts, starts)
+        self.rows, self.f, self.d, self.B = rows, f, f + (1 if logistic else 0), int(B)
+        self.w, self.l2, self.logistic = F32(w), F32(l2), bool(logistic)
+        self._kernels = kernels
+        self._operands = (data, y, keys, counts, starts)
+        if kernels.impl == "cpu":
+            c = ctypes
+
+            def ptr(a):
+                return c.c_void_p(a.ctypes.data)
+            self._fn = kernels._lib._fns[op]
+            self._middle = (ptr(data), ptr(y), ptr(keys))
+            self._tail = (ptr(counts), ptr(starts), c.c_float(float(self.w)), c.c_float(float(self.l2)),
+                          c.c_longlong(rows), c.c_longlong(self.B), c.c_longlong(f), c.c_longlong(int(logistic)))
+
+    def __call__(self, loss, G, X, steps) -> None:
+        op, rows, d = self.OP, self.rows, self.d
+        for name, a, dt in (("loss", loss, _F32), ("G", G, _F32), ("X", X, _F32), ("steps", steps, _I64)):
+            if not hasattr(a, "dtype") or not hasattr(a, "flags"):
+                raise ValueError(f"kernel argument {op}.{name} must be a C-contiguous {dt.name} array, "
+                                 f"got {type(a).__name__}")
+            if a.dtype != dt or not a.flags.c_contiguous:
+                _check(op, name, a, dt)
+        if X.shape != (rows, d) or G.shape != (rows, d) or loss.shape != (rows,):
+            raise ValueError(f"kernel {op}: shapes loss {loss.shape}, G {G.shape}, X {X.shape} do not fit "
+                             f"(rows, d) = ({rows}, {d}) of this pass")
+        if steps.shape != (1,) and steps.shape != (rows,):
+            raise ValueError(f"kernel {op}: steps has shape {steps.shape}; it must be (1,) or ({rows},)")
+        stride = 0 if steps.shape == (1,) and rows != 1 else 1
+        data, y, keys, counts, starts = self._operands
+        impl = self._kernels.impl
+        if impl == "numpy" or not rows:
+            f, B = self.f, self.B
+            A = np.empty((rows, B, f), np.float32)
+            idx = np.empty((rows, B), np.int64)
+            ref_keyed_gather(A, idx, data, keys, steps, stride, counts, starts)
+            ref_linear_loss_grad(loss, G, X, A, y[idx], np.full((rows, B), self.w, np.float32), self.l2,
+                                 self.logistic)
+        elif impl == "cpu":
+            self._fn(loss.ctypes.data, G.ctypes.data, X.ctypes.data, *self._middle, steps.ctypes.data, stride,
+                     *self._tail)
+        else:
+            self._kernels._lib.call(op, [loss, G, X, data, y, keys, steps, np.int64(stride), counts, starts,
+                                         self.w, self.l2, np.int64(rows), np.int64(self.B), np.int64(self.f),
+                                         np.int64(self.logistic)], rows)

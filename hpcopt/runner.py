@@ -953,6 +953,7 @@ class Runner:
         factor, window = cfg.run.divergence_factor, min(REFERENCE_STEPS, T)
         reference = np.array(self.reference, np.float64)
         diverged = ""
+        all_active = None
         for step in range(start, T):
             c.step = step
             self.faults.at_step(step, c.rank)
@@ -974,14 +975,20 @@ class Runner:
             buf["extra"].append({k: v for k, v in stats.items() if k in extra_names})
             steps_done += 1
             done = step + 1
-            active = (np.asarray(b.to_host(stats["active"]), bool) if "active" in stats
-                      else np.ones(loss.shape, bool))  # Teleportation: the nodes holding a token
+            if "active" in stats:  # Teleportation: the nodes holding a token
+                active = np.asarray(b.to_host(stats["active"]), bool)
+                held_loss, held = float(loss[active].sum()), float(active.sum())
+            else:
+                if all_active is None or all_active.shape != loss.shape:
+                    all_active = np.ones(loss.shape, bool)  # made once, never written
+                active, held_loss, held = all_active, float(loss.sum()), float(loss.size)
             buf["held"].append(active)
             over_budget = ((cfg.run.max_wall > 0 and time.perf_counter() - t_begin > cfg.run.max_wall)
                            or (cfg.run.stop_after > 0 and steps_done >= cfg.run.stop_after))
             want_stop = self.stop.signal is not None or over_budget
-            flags = c.allreduce_scalars([float(want_stop), float(not np.all(np.isfinite(loss[active]))),
-                                         float(loss[active].sum()), float(active.sum()),
+            # a float64 sum of losses is finite exactly when every loss is (finite losses that
+            # overflow it would have diverged long before)
+            flags = c.allreduce_scalars([float(want_stop), float(not math.isfinite(held_loss)), held_loss, held,
                                          float(self.stop.signal == signal.SIGTERM)])
             mean_loss = flags[2] / max(1.0, flags[3])
             if reference[1] < window:

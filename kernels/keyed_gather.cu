@@ -36,12 +36,13 @@ __device__ __forceinline__ unsigned long long hpcopt_mulhi(unsigned long long a,
 #endif
 
 // a mod c with inv = floor((2^64 - 1) / c): the quotient estimate mulhi(a, inv) is never
-// above floor(a / c) and at most 2 below, so the loop makes the result exact; one 64-bit
+// above floor(a / c) and at most 2 below, so two corrections make the result exact; one 64-bit
 // division per row instead of one per sample (a 64-bit DIV costs up to ~90 cycles)
 __device__ __forceinline__ unsigned long long hpcopt_mod(unsigned long long a, unsigned long long c,
                                                          unsigned long long inv) {
     unsigned long long m = a - hpcopt_mulhi(a, inv) * c;
-    while (m >= c) m -= c;
+    m -= c & (0ULL - (unsigned long long)(m >= c));  // two corrections without branches: a
+    m -= c & (0ULL - (unsigned long long)(m >= c));  // random remainder would mispredict one
     return m;
 }
 
@@ -52,7 +53,7 @@ extern "C" __global__ void keyed_gather(float* __restrict__ A, long long* __rest
                                         const long long* __restrict__ starts, long long rows, long long B) {
     const unsigned long long G = 0x9E3779B97F4A7C15ULL;
     // one (row) per iteration: the row's key, count and start once, then its B samples
-    HPCOPT_ROW_LOOP(r, rows, rows * B) {
+    HPCOPT_ROW_LOOP(r, rows, rows * B * f) {  // work: elements copied
         const unsigned long long s = (unsigned long long)steps[r * step_stride];
         const unsigned long long k = hpcopt_mix64((unsigned long long)keys[r] ^ (s * G + 2ULL));
         const unsigned long long c = (unsigned long long)counts[r];

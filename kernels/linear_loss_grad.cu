@@ -154,10 +154,16 @@ __device__ __forceinline__ float hpcopt_linear_row(const float* __restrict__ x, 
             g[u] = g0; g[u + 1] = g1; g[u + 2] = g2; g[u + 3] = g3;
             g[u + 4] = g4; g[u + 5] = g5; g[u + 6] = g6; g[u + 7] = g7;
         }
-        for (; u < f; ++u) {
-            float gu = g[u];
-            for (long long j = 0; j < m; ++j) gu = gu + cc[j] * a[j][u];
-            g[u] = gu;
+        if (u < f) {  // the last f - u < 8 columns as one partial tile, each column's order kept
+            const long long rem = f - u;
+            float gt[8];
+            for (long long k = 0; k < rem; ++k) gt[k] = g[u + k];
+            for (long long j = 0; j < m; ++j) {
+                const float c = cc[j];
+                const float* __restrict__ aj = a[j] + u;
+                for (long long k = 0; k < rem; ++k) gt[k] = gt[k] + c * aj[k];
+            }
+            for (long long k = 0; k < rem; ++k) g[u + k] = gt[k];
         }
     }
     if (logistic) g[f] = gb;
@@ -207,7 +213,9 @@ extern "C" __global__ void keyed_linear_loss_grad(float* __restrict__ loss, floa
                                                   long long rows, long long B, long long f, long long logistic) {
     const unsigned long long G0 = 0x9E3779B97F4A7C15ULL;
     const long long d = f + (logistic ? 1 : 0);
-    HPCOPT_ROW_LOOP(r, rows, rows * B) {
+    // work in element units (HPCOPT_PARALLEL_MIN's): every sample reads f features twice, so
+    // a few hundred nodes of a few dozen features already fill two threads
+    HPCOPT_ROW_LOOP(r, rows, rows * B * f) {
         const unsigned long long s = (unsigned long long)steps[r * step_stride];
         const unsigned long long c = (unsigned long long)counts[r];
         const HpcoptKeyed fill = {data, y, w, f, hpcopt_mix64((unsigned long long)keys[r] ^ (s * G0 + 2ULL)), c,

@@ -188,6 +188,31 @@ def test_fused_linear_loss_grad_checks_its_arguments(compiled):
         _fused(compiled, X, data_, y, keys, steps, counts, starts, 0, 0.0, True)
 
 
+@pytest.mark.parametrize("impl", ["compiled", "numpy"])
+def test_bound_linear_pass_equals_the_call_and_checks_what_changes(compiled, impl):
+    """Kernels.linear_pass checks the fixed operands once; each call checks X, G, loss, steps."""
+    k = compiled if impl == "compiled" else kernels.Kernels(mode="numpy")
+    rng = np.random.default_rng(3)
+    X, data_, y, keys, counts, starts = _keyed_case(rng, 9, 29)
+    bound = k.linear_pass(data_, y, keys, counts, starts, 16, 1 / 16, 0.01, True)
+    for steps in (np.array([4], np.int64), rng.integers(0, 10**9, 9).astype(np.int64)):
+        loss, G = np.empty(9, np.float32), np.empty_like(X)
+        bound(loss, G, X, steps)
+        want = _fused(k, X, data_, y, keys, steps, counts, starts, 16, 0.01, True)
+        assert np.array_equal(loss, want[0]) and np.array_equal(G, want[1])
+    loss, G = np.empty(9, np.float32), np.empty_like(X)
+    with pytest.raises(ValueError, match="shapes"):
+        bound(loss, G, np.ascontiguousarray(X[:, :29]), np.array([0], np.int64))
+    with pytest.raises(ValueError, match="float32"):
+        bound(loss, G, X.astype(np.float64), np.array([0], np.int64))
+    with pytest.raises(ValueError, match="steps"):
+        bound(loss, G, X, np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="starts \\+ counts"):
+        k.linear_pass(data_, y, keys, counts, starts + 400, 16, 1 / 16, 0.0, True)
+    with pytest.raises(ValueError, match="keys"):
+        k.linear_pass(data_, y, keys.astype(np.int32), counts, starts, 16, 1 / 16, 0.0, True)
+
+
 @pytest.mark.parametrize("kind", ["logistic", "quadratic"])
 def test_nodedata_fused_pass_equals_gather_then_reference(compiled, kind):
     ds = dataset(classes=2) if kind == "logistic" else dataset()
@@ -201,5 +226,8 @@ def test_nodedata_fused_pass_equals_gather_then_reference(compiled, kind):
         rl, rG = np.empty_like(loss), np.empty_like(G)
         kernels.ref_linear_loss_grad(rl, rG, X, A, y.astype(np.float32), w, 0.01, kind == "logistic")
         assert np.array_equal(loss, rl) and np.array_equal(G, rG)
+        for lo, hi in ((3, 10), (0, 35), (10, 35), (3, 10)):  # row ranges bound once each, in any order
+            sub = nd.linear_loss_grad(model, np.ascontiguousarray(X[lo:hi]), t, lo, hi)
+            assert np.array_equal(sub[0], loss[lo:hi]) and np.array_equal(sub[1], G[lo:hi])
     assert nd.linear_loss_grad(LinearModel("softmax", ds.features, 3), X, 0) is None
     assert data.NodeData(np, ds, parts, range(5, 40), 0, 7, kernels=compiled).linear_loss_grad(model, X, 0) is None
