@@ -28,11 +28,13 @@ static const hpcopt_dim3 gridDim = {1u, 1u, 1u};
 
 // Element loop: one contiguous chunk per thread, vectorised inside the chunk.
 // Below HPCOPT_PARALLEL_MIN elements a kernel runs on the calling thread: waking sleeping
-// OpenMP threads costs tens of microseconds, more than the work.
+// OpenMP threads costs tens of microseconds, more than the work. The `if` names `parallel`:
+// a bare `if` on a combined `parallel for simd` applies to the simd part as well, and
+// small kernels would then run as scalar loops.
 #define HPCOPT_PARALLEL_MIN 32768
 #define HPCOPT_PRAGMA(text) _Pragma(#text)
 #define HPCOPT_LOOP(i, n) \
-    HPCOPT_PRAGMA(omp parallel for simd schedule(static) if((long long)(n) >= HPCOPT_PARALLEL_MIN)) \
+    HPCOPT_PRAGMA(omp parallel for simd schedule(static) if(parallel: (long long)(n) >= HPCOPT_PARALLEL_MIN)) \
     for (long long i = 0; i < (long long)(n); ++i)
 
 // Row loop of kernels that walk a row's own inner loops (keyed_gather, linear_loss_grad):
