@@ -38,7 +38,7 @@ def test_every_paper_config_is_here_and_documented():
 @pytest.mark.parametrize("path", PAPERS, ids=[p.stem for p in PAPERS])
 def test_paper_config_runs_three_steps_on_standin_data(path, tmp_path):
     data = cifar_standin(tmp_path / "data")
-    sets = [f"data.path={data}", "run.steps=3", "nodes.n=4", "data.batch_size=2", "run.eval_every=0",
+    sets = [f"data.path={data}", "run.steps=3", "nodes.n=2", "data.batch_size=2", "run.eval_every=0",
             "run.log_every=1", "run.checkpoint_every=0", "algorithm.search_steps=1", "algorithm.budget_gradients=3",
             "diagnostics.batch_size=4", "diagnostics.power_iters=2", "model.threads=2"]
     if "diagnostics:" in path.read_text():

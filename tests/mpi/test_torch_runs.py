@@ -62,13 +62,13 @@ METHODS = [
                                               "probes": 2}}),
     ("hybrid", {"algorithm": {"name": "hybrid", "budget_gradients": 320, "k_every": 40, "delay_std": 0.05,
                               "time_grid": 0.5}, "optimizer": {"momentum": 0.0}}),
-    ("teleport", {"algorithm": {"name": "teleport", "k": 4}, "optimizer": {"lr": 0.15, "momentum": 0.0}}),
+    ("teleport", {"algorithm": {"name": "teleport", "k": 2}, "optimizer": {"lr": 0.15, "momentum": 0.0}}),
 ]
 
 
 @pytest.mark.parametrize("label,sections", METHODS, ids=[m[0] for m in METHODS])
 def test_every_method_trains_lenet(tmp_path, label, sections):
-    path = write_config(tmp_path, LENET, **sections)
+    path = write_config(tmp_path, LENET, **{"nodes": {"n": 4}, **sections})  # 2 ranks x 2 nodes
     check(run_hpcopt_mpi(2, ["run", path, "--out", tmp_path / "run"], timeout=300))
     run = store.read_run(str(tmp_path / "run"))
     acc = float(run["summary"]["final_test_accuracy"])
@@ -81,7 +81,7 @@ def test_rank_invariance_and_resume_with_lenet(tmp_path):
     finals = {}
     for vec in ("loop", "vmap"):
         path = write_config(tmp_path, LENET, f"{vec}.yaml", run={"steps": 12}, model={"vectorize": vec})
-        for ranks in ((1, 2, 4) if vec == "loop" else (4,)):  # vmap: several ranks, two nodes each
+        for ranks in ((1, 4) if vec == "loop" else (2,)):  # vmap: several ranks, four nodes each
             out = tmp_path / f"{vec}-{ranks}"
             check(run_hpcopt_mpi(ranks, ["run", path, "--out", out], timeout=300))
             info, X = rows(out)
@@ -90,21 +90,21 @@ def test_rank_invariance_and_resume_with_lenet(tmp_path):
     X0 = np.tile(models.build(config.load(str(path)).model,
                               data.load(config.load(str(path)).data, 8), threads=1).init(0), (8, 1))
     assert np.abs(finals["loop", 1][0] - X0).max() > 1e-3  # training moved the models
-    for ranks in (2, 4):  # the loop: each node's arithmetic is its own, bit for bit on any rank count
+    for ranks in (4,):  # the loop: each node's arithmetic is its own, bit for bit on any rank count
         assert np.array_equal(finals["loop", ranks][0], finals["loop", 1][0]), ranks
         assert np.array_equal(finals["loop", ranks][1], finals["loop", 1][1]), ranks
-    for ranks in (4,):  # vmap batches a rank's nodes: rounding may differ, 1e-6 relative
+    for ranks in (2,):  # vmap batches a rank's nodes: rounding may differ, 1e-6 relative
         X, ref = finals["vmap", ranks][0], finals["loop", 1][0]
         assert np.linalg.norm(X - ref) <= 1e-6 * np.linalg.norm(ref), ranks
-    # stop at 6, resume to 12 (on another rank count): bit for bit the uninterrupted run
+    # stop at 6 on 2 ranks, resume to 12 on 1: bit for bit the uninterrupted run
     loop = tmp_path / "loop.yaml"
     part = tmp_path / "part"
     proc = run_hpcopt_mpi(2, ["run", loop, "--out", part, "--set", "run.stop_after=6"], timeout=300)
     assert proc.returncode == 75, proc.stderr[-2000:]
-    check(run_hpcopt_mpi(4, ["run", loop, "--out", part, "--resume"], timeout=300))
+    check(run_hpcopt_mpi(1, ["run", loop, "--out", part, "--resume"], timeout=300))
     assert np.array_equal(rows(part)[1], finals["loop", 1][0])
     assert np.array_equal(rows(part, "M")[1], finals["loop", 1][1])
-    a, b = store.read_run(str(part)), store.read_run(str(tmp_path / "loop-2"))
+    a, b = store.read_run(str(part)), store.read_run(str(tmp_path / "loop-4"))
     assert np.array_equal(a["metrics"]["train_loss"], b["metrics"]["train_loss"])
 
 
