@@ -2,6 +2,7 @@
 stand-in data of the right shape, bad factories and image files end in one line, exit 2."""
 import gzip
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,19 +36,33 @@ def test_every_paper_config_is_here_and_documented():
         assert "arXiv" in head and "Our choices" in head, p.name  # where the numbers come from
 
 
-@pytest.mark.parametrize("path", PAPERS, ids=[p.stem for p in PAPERS])
-def test_paper_config_runs_three_steps_on_standin_data(path, tmp_path):
-    data = cifar_standin(tmp_path / "data")
+def _paper_run(path: Path, root: Path):
+    data = cifar_standin(root / "data")
     sets = [f"data.path={data}", "run.steps=3", "nodes.n=2", "data.batch_size=2", "run.eval_every=0",
             "run.log_every=1", "run.checkpoint_every=0", "algorithm.search_steps=1", "algorithm.budget_gradients=3",
-            "diagnostics.batch_size=4", "diagnostics.power_iters=2", "model.threads=2"]
+            "diagnostics.batch_size=4", "diagnostics.power_iters=2", "model.threads=1"]
     if "diagnostics:" in path.read_text():
         sets.append("diagnostics.every=3")
-    args = ["run", path, "--out", tmp_path / "run"]
+    args = ["run", path, "--out", root / "run"]
     for s in sets:
         args += ["--set", s]
-    check(run_cli(args, timeout=600))
-    run = store.read_run(str(tmp_path / "run"))
+    return run_cli(args, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def paper_runs(tmp_path_factory):
+    """Every paper config for 3 steps on stand-in CIFAR-10 files, two processes at a time."""
+    base = tmp_path_factory.mktemp("papers")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {p.stem: (pool.submit(_paper_run, p, base / p.stem), base / p.stem) for p in PAPERS}
+        return {stem: (f.result(), root) for stem, (f, root) in futures.items()}
+
+
+@pytest.mark.parametrize("path", PAPERS, ids=[p.stem for p in PAPERS])
+def test_paper_config_runs_three_steps_on_standin_data(paper_runs, path):
+    proc, root = paper_runs[path.stem]
+    check(proc)
+    run = store.read_run(str(root / "run"))
     assert run["attrs"]["dataset"] == "cifar10" and np.isfinite(run["summary"]["final_test_loss"])
 
 
@@ -94,30 +109,56 @@ def raises(shape, classes):
 '''
 
 
-@pytest.mark.parametrize("case,spec,expect", FACTORY_CASES, ids=[c[0] for c in FACTORY_CASES])
-def test_bad_factory_is_one_line_exit_2(tmp_path, case, spec, expect):
-    (tmp_path / "user_nets.py").write_text(USER_FILE)
-    (tmp_path / "broken.py").write_text("def build(shape classes):\n")
-    spec = spec.format(file=tmp_path / "user_nets.py", bad=tmp_path / "broken.py")
-    proc = run_cli(["run", "quickstart", "--out", tmp_path / "run", "--set", "model.name=torch",
-                    "--set", f"model.factory={spec}", "--set", "run.steps=1"], cwd=tmp_path, timeout=120)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("hpcopt: ") and expect in lines[0], lines[0]
-    assert not (tmp_path / "run" / "run.h5").exists()
+IMAGE_CASES = [("magic", "magic"), ("label", "label"), ("truncated", "bytes"), ("missing", "data.path")]
 
 
-@pytest.mark.parametrize("bad,expect", [("magic", "magic"), ("label", "label"), ("truncated", "bytes"),
-                                        ("missing", "data.path")])
-def test_bad_image_files_are_one_line_exit_2(tmp_path, bad, expect):
-    d = tmp_path / "mnist"
+def _factory_case(root: Path, spec: str):
+    root.mkdir(parents=True)
+    (root / "user_nets.py").write_text(USER_FILE)
+    (root / "broken.py").write_text("def build(shape classes):\n")
+    spec = spec.format(file=root / "user_nets.py", bad=root / "broken.py")
+    return run_cli(["run", "quickstart", "--out", root / "run", "--set", "model.name=torch",
+                    "--set", f"model.factory={spec}", "--set", "run.steps=1"], cwd=root, timeout=120)
+
+
+def _image_case(root: Path, bad: str):
+    d = root / "mnist"
     if bad != "missing":
         mnist_dir(d, bad=bad)
-    proc = run_cli(["run", "quickstart", "--out", tmp_path / "run", "--set", "data.dataset=mnist",
+    return run_cli(["run", "quickstart", "--out", root / "run", "--set", "data.dataset=mnist",
                     "--set", f"data.path={d}", "--set", "model.name=lenet", "--set", "run.steps=1"], timeout=120)
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every bad-factory and bad-image case at once, a few processes at a time (each is
+    mostly interpreter and torch start-up): {("factory" | "image", case): (process, root)}."""
+    base = tmp_path_factory.mktemp("bad_torch_inputs")
+    jobs = {("factory", case): (_factory_case, base / f"factory-{case}", spec) for case, spec, _ in FACTORY_CASES}
+    jobs.update({("image", bad): (_image_case, base / f"image-{bad}", bad) for bad, _ in IMAGE_CASES})
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {key: (pool.submit(fn, root, arg), root) for key, (fn, root, arg) in jobs.items()}
+        return {key: (f.result(), root) for key, (f, root) in futures.items()}
+
+
+def _one_line_exit_2(proc) -> str:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert expect in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case,spec,expect", FACTORY_CASES, ids=[c[0] for c in FACTORY_CASES])
+def test_bad_factory_is_one_line_exit_2(bad_runs, case, spec, expect):
+    proc, root = bad_runs["factory", case]
+    line = _one_line_exit_2(proc)
+    assert line.startswith("hpcopt: ") and expect in line, line
+    assert not (root / "run" / "run.h5").exists()
+
+
+@pytest.mark.parametrize("bad,expect", IMAGE_CASES)
+def test_bad_image_files_are_one_line_exit_2(bad_runs, bad, expect):
+    proc, _ = bad_runs["image", bad]
+    assert expect in _one_line_exit_2(proc).lower()
 
 
 def test_lenet_trains_on_idx_files(tmp_path):
