@@ -226,6 +226,7 @@ class Comm:
         self._cuda_aware: Optional[bool] = None
         self.cuda_aware_reason = "not needed: host arrays"
         self.counters: Dict[str, OpCounter] = {}
+        self._totals: Tuple[int, float] = (0, 0.0)  # totals() of the counters
         self.wait_seconds = 0.0  # time spent blocked in waits (part of the ops' seconds)
         self.step = -1  # set by the runner; named in timeout messages
         self._plans: Dict[int, Tuple[np.ndarray, MixPlan]] = {}
@@ -254,11 +255,12 @@ class Comm:
         c.calls += 1
         c.bytes += int(nbytes)
         c.seconds += seconds
+        self._totals = (self._totals[0] + int(nbytes), self._totals[1] + seconds)
 
     def totals(self) -> Tuple[int, float]:
-        """(bytes sent, seconds) summed over all operations so far."""
-        return (sum(c.bytes for c in self.counters.values()),
-                sum(c.seconds for c in self.counters.values()))
+        """(bytes sent, seconds) summed over all operations so far (kept as they are
+        counted: the runner reads them twice a step)."""
+        return self._totals
 
     @property
     def cuda_aware(self) -> bool:
@@ -488,7 +490,9 @@ class Comm:
     def mix_end(self, handle, out=None):
         X, plan, remote, reqs, peers, after, nbytes, spent = handle
         t0 = time.perf_counter()
-        if nbytes <= self.blocking_bytes:
+        if not reqs:  # every row is local (one rank, or a rank whose rows mix only with its own)
+            pass
+        elif nbytes <= self.blocking_bytes:
             self._blocking("mix", peers, self.MPI.Request.Waitall, reqs)
         else:
             self.wait(reqs, "mix", peers)
@@ -652,7 +656,10 @@ class Comm:
 
     def allreduce_scalars(self, values, op: str = "sum") -> np.ndarray:
         """Reduce a small host float64 vector over ranks."""
-        a = np.ascontiguousarray(values, dtype=np.float64)
+        a = np.array(values, dtype=np.float64)
+        if self.size == 1:  # every step calls this: one rank has nothing to reduce
+            self._count("scalars", 0, 0.0)
+            return a
         return self.allreduce(a, op, name="scalars")
 
     def agree(self, flag: bool) -> bool:
