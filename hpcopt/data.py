@@ -651,7 +651,7 @@ class NodeData:
         self._flat_y = xp.asarray(ds.y_train[rows])
         self._full_cache = None
         self._flat_y32 = None  # float32 targets for keyed_linear_loss_grad, made on first use
-        self._passes: dict = {}  # (lo, hi, kind, l2, kernels) -> kernels.LinearPass of linear_loss_grad
+        self._passes: dict = {}  # (lo, hi, id(model)) -> (kernels, model refs, kernels.LinearPass)
         self._w = xp.full((len(self.nodes), batch_size), 1.0 / max(1, batch_size), dtype=dtype)
         self.augment = bool(augment)
         self.shape = tuple(shape) if shape is not None else ds.shape
@@ -733,34 +733,47 @@ class NodeData:
         with the NumPy-reference kernels); None where that does not apply (other models,
         whole-data batches, augmentation, GPU arrays, other dtypes or layouts): the caller
         then gathers the batch and calls the model."""
-        kind = getattr(model, "kind", None)
         hi = len(self.nodes) if hi is None else hi
+        from . import kernels as kernels_mod
+        k = self._kernels if self._kernels is not None else kernels_mod.current()
+        # the pass bound for this model, row range and kernels, checked when it was bound:
+        # a step then checks only X (the model may not change under its id while bound)
+        bound = self._passes.get((lo, hi, id(model)))
+        if (bound is None or bound[0]() is not k or bound[1]() is not model or type(X) is not np.ndarray
+                or X.dtype != np.float32 or not X.flags.c_contiguous or X.shape != bound[2].shape_x):
+            bound = self._bind_linear(model, X, lo, hi, k)
+            if bound is None:
+                return None
+        bound = bound[2]
+        loss = np.empty(hi - lo, np.float32)
+        G = np.empty(X.shape, np.float32)
+        bound(loss, G, X, np.asarray(step, np.uint64).reshape(1).view(np.int64))
+        return loss, G
+
+    def _bind_linear(self, model, X, lo: int, hi: int, k):
+        """(weakref(k), weakref(model), kernels.LinearPass) for linear_loss_grad, kept per
+        (lo, hi, model); None where the fused pass does not apply."""
+        kind = getattr(model, "kind", None)
         if (kind not in ("quadratic", "logistic") or getattr(model, "k", 0) != 1 or not self.batch_size
                 or self.augment or self.xp is not np or not isinstance(X, np.ndarray) or X.dtype != np.float32
                 or not X.flags.c_contiguous or X.shape != (hi - lo, model.d) or not 0 <= lo <= hi <= len(self.nodes)
-                or self._flat_X.dtype != np.float32 or not self._flat_X.flags.c_contiguous or self._flat_X.ndim != 2):
+                or self._flat_X.dtype != np.float32 or not self._flat_X.flags.c_contiguous or self._flat_X.ndim != 2
+                or k is None or k.impl not in ("cpu", "numpy")):
             return None
-        from . import kernels as kernels_mod
-        k = self._kernels if self._kernels is not None else kernels_mod.current()
-        if k is None or k.impl not in ("cpu", "numpy"):
-            return None
-        key = (lo, hi, kind, float(model.l2), id(k))
-        bound = self._passes.get(key)
-        if bound is None or bound[0]() is not k:  # bound once: the same operands every step
-            if self._flat_y32 is None:
-                self._flat_y32 = np.ascontiguousarray(self._flat_y, dtype=np.float32)
-            if len(self._passes) >= 8:  # a handful of row ranges is all an algorithm uses
-                self._passes.clear()
-            keys = _node_keys(self.seed, 0, self.nodes[lo:hi]).reshape(-1).view(np.int64)
-            w = float(self._w[0, 0]) if self._w.size else 0.0
-            bound = (weakref.ref(k), k.linear_pass(self._flat_X, self._flat_y32, keys, self.counts[lo:hi].copy(),
-                                                   self._starts1[lo:hi].copy(), self.batch_size, w, model.l2,
-                                                   kind == "logistic"))
-            self._passes[key] = bound
-        loss = np.empty(hi - lo, np.float32)
-        G = np.empty(X.shape, np.float32)
-        bound[1](loss, G, X, np.asarray(step, np.uint64).reshape(1).view(np.int64))
-        return loss, G
+        if self._flat_y32 is None:
+            self._flat_y32 = np.ascontiguousarray(self._flat_y, dtype=np.float32)
+        if len(self._passes) >= 8:  # a handful of row ranges is all an algorithm uses
+            self._passes.clear()
+        keys = _node_keys(self.seed, 0, self.nodes[lo:hi]).reshape(-1).view(np.int64)
+        w = float(self._w[0, 0]) if self._w.size else 0.0
+        bound = k.linear_pass(self._flat_X, self._flat_y32, keys, self.counts[lo:hi].copy(),
+                              self._starts1[lo:hi].copy(), self.batch_size, w, model.l2, kind == "logistic")
+        try:
+            entry = (weakref.ref(k), weakref.ref(model), bound)
+        except TypeError:  # a model without weak references: bound afresh on every call
+            return (lambda: k, lambda: model, bound)
+        self._passes[(lo, hi, id(model))] = entry
+        return entry
 
     def batch_indices(self, step: int, stream: int = 0, rows=None) -> np.ndarray:
         sel = slice(None) if rows is None else np.asarray(rows)

@@ -797,6 +797,7 @@ class LinearPass:
                              f"data (N, f), y (N,), keys (rows,) with B = {B} >= 1")
         kernels._keyed_stride(op, rows, data.shape[0], "rows of data", keys, np.zeros(1, np.int64), counts, starts)
         self.rows, self.f, self.d, self.B = rows, f, f + (1 if logistic else 0), int(B)
+        self.shape_x = (rows, self.d)  # the models' (and the gradients') shape a call takes
         self.w, self.l2, self.logistic = F32(w), F32(l2), bool(logistic)
         self._kernels = kernels
         self._operands = (data, y, keys, counts, starts)
