@@ -415,13 +415,18 @@ def _check(op: str, arg, a, dtype) -> None:
                          f"got {a.dtype} (contiguous={a.flags.c_contiguous})")
 
 
-def _check_all(op: str, arrays, dtypes) -> None:
-    """`_check` on each of a kernel's arrays (named by ARRAYS[op]); a non-array is named too."""
-    for name, a, dt in zip(ARRAYS[op], arrays, dtypes):
+def _check_named(op: str, named) -> None:
+    """`_check` on each (name, array, dtype) of a kernel's arguments; a non-array is named too."""
+    for name, a, dt in named:
         if not hasattr(a, "dtype") or not hasattr(a, "flags"):
             raise ValueError(f"kernel argument {op}.{name} must be a C-contiguous {np.dtype(dt).name} array, "
                              f"got {type(a).__name__}")
         _check(op, name, a, dt)
+
+
+def _check_all(op: str, arrays, dtypes) -> None:
+    """`_check` on each of a kernel's arrays (named by ARRAYS[op])."""
+    _check_named(op, zip(ARRAYS[op], arrays, dtypes))
 
 
 def _update_error(op: str, arrays) -> ValueError:
@@ -784,12 +789,8 @@ class LinearPass:
     def __init__(self, kernels: Kernels, data, y, keys, counts, starts, B: int, w: float, l2: float,
                  logistic: bool):
         op = self.OP
-        for name, a, dt in (("data", data, F32), ("y", y, F32), ("keys", keys, _I64), ("counts", counts, _I64),
-                            ("starts", starts, _I64)):
-            if not hasattr(a, "dtype") or not hasattr(a, "flags"):
-                raise ValueError(f"kernel argument {op}.{name} must be a C-contiguous {np.dtype(dt).name} array, "
-                                 f"got {type(a).__name__}")
-            _check(op, name, a, dt)
+        _check_named(op, (("data", data, F32), ("y", y, F32), ("keys", keys, _I64), ("counts", counts, _I64),
+                          ("starts", starts, _I64)))
         rows = keys.shape[0] if keys.ndim == 1 else -1
         f = data.shape[1] if data.ndim == 2 else -1
         if rows < 0 or f < 0 or B < 1 or y.shape != (data.shape[0],):
@@ -814,11 +815,8 @@ class LinearPass:
     def __call__(self, loss, G, X, steps) -> None:
         op, rows, d = self.OP, self.rows, self.d
         for name, a, dt in (("loss", loss, _F32), ("G", G, _F32), ("X", X, _F32), ("steps", steps, _I64)):
-            if not hasattr(a, "dtype") or not hasattr(a, "flags"):
-                raise ValueError(f"kernel argument {op}.{name} must be a C-contiguous {dt.name} array, "
-                                 f"got {type(a).__name__}")
-            if a.dtype != dt or not a.flags.c_contiguous:
-                _check(op, name, a, dt)
+            if not hasattr(a, "flags") or a.dtype != dt or not a.flags.c_contiguous:
+                _check_named(op, ((name, a, dt),))
         if X.shape != (rows, d) or G.shape != (rows, d) or loss.shape != (rows,):
             raise ValueError(f"kernel {op}: shapes loss {loss.shape}, G {G.shape}, X {X.shape} do not fit "
                              f"(rows, d) = ({rows}, {d}) of this pass")
