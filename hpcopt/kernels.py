@@ -636,17 +636,7 @@ class Kernels:
         float32, every sample weighted w (see linear_loss_grad.cu); keys, steps, counts
         and starts as for keyed_gather. Everything is checked before any call into C.
         A caller that repeats the call with the same data every step binds it once with
-        `linear_pass`."""
-        _check_all("keyed_linear_loss_grad", (loss, G, X, data, y, keys, steps, counts, starts),
-                   (F32,) * 5 + (_I64,) * 4)
-        rows = X.shape[0] if X.ndim == 2 else -1
-        f = data.shape[1] if data.ndim == 2 else -1
-        d = f + (1 if logistic else 0)
-        if (rows < 0 or f < 0 or B < 1 or X.shape != (rows, d) or G.shape != (rows, d) or loss.shape != (rows,)
-                or y.shape != (data.shape[0],)):
-            raise ValueError(f"kernel keyed_linear_loss_grad: shapes loss {loss.shape}, G {G.shape}, X {X.shape}, "
-                             f"data {data.shape}, y {y.shape} do not fit (rows, d = f"
-                             f"{' + 1' if logistic else ''}) with B = {B} >= 1")
+        `linear_pass` (this is that, bound for one call)."""
         self.linear_pass(data, y, keys, counts, starts, B, w, l2, logistic)(loss, G, X, steps)
 
     def linear_pass(self, data, y, keys, counts, starts, B: int, w: float, l2: float,
